@@ -1,0 +1,178 @@
+"""Gate layout and route selection for Dynamic Depth Routing, vectorised over gates.
+
+A D2R network with ``N`` modules has ``N`` gates: gate ``g`` (0-based, ``g < N - 1``)
+feeds module ``g + 2`` (1-based) and chooses among the ``g + 1`` earlier modules;
+the last gate feeds the output head and chooses among all ``N`` modules. The router
+emits their logits flat, ``N(N+1)/2`` values in gate order (sizes 1, 2, ..., N). Here
+they are padded into a ``[..., N, N]`` tensor whose row ``g`` holds gate ``g``'s
+candidates in columns ``0..g`` and ``-inf`` elsewhere, so every gate is routed in one op.
+
+Routing modes (see :class:`RoutingMode`):
+
+* ``TOPK``: the ``k`` largest logits of each gate.
+* ``SAMPLE``: ``k`` sources drawn without replacement from ``softmax(z / tau)``,
+  implemented as top-k of ``z / tau + Gumbel`` noise.
+* ``BEHAVIOUR``: the k-hot route stored with the transition; rows whose stored
+  route is empty (no behaviour route was recorded) fall back to ``SAMPLE``.
+
+Mixing weights are always the softmax of the *untempered* logits restricted to the
+selected sources.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import threading
+from typing import Iterator
+
+import torch
+
+from torchrl.envs.utils import ExplorationType, exploration_type
+
+__all__ = [
+    "GateLayout",
+    "RoutingMode",
+    "routing_mode",
+    "set_routing_mode",
+    "select_routes",
+    "route_weights",
+    "endorsement_mask",
+]
+
+
+class RoutingMode(enum.Enum):
+    """How a D2R network picks its route on the next call."""
+
+    TOPK = "topk"
+    SAMPLE = "sample"
+    BEHAVIOUR = "behaviour"
+
+
+_ROUTING_STATE = threading.local()
+
+
+def routing_mode() -> RoutingMode:
+    """The routing mode in force.
+
+    An explicit :func:`set_routing_mode` context wins; otherwise TorchRL's exploration
+    type decides as it does for a ``ProbabilisticActor``: ``RANDOM`` (or none set)
+    samples routes, ``DETERMINISTIC``/``MODE``/``MEAN`` take the top-k.
+    """
+    mode = getattr(_ROUTING_STATE, "mode", None)
+    if mode is not None:
+        return mode
+    if exploration_type() in (None, ExplorationType.RANDOM):
+        return RoutingMode.SAMPLE
+    return RoutingMode.TOPK
+
+
+@contextlib.contextmanager
+def set_routing_mode(mode: RoutingMode | str) -> Iterator[None]:
+    """Context manager fixing the routing mode of every D2R network called inside it."""
+    mode = RoutingMode(mode)
+    previous = getattr(_ROUTING_STATE, "mode", None)
+    _ROUTING_STATE.mode = mode
+    try:
+        yield
+    finally:
+        _ROUTING_STATE.mode = previous
+
+
+class GateLayout(torch.nn.Module):
+    """Index tables mapping flat router logits ``[..., N(N+1)/2]`` to padded ``[..., N, N]``.
+
+    Buffers:
+        gather_index: ``[N, N]`` long, flat position of (gate, source), 0 where invalid.
+        flat_index: ``[N(N+1)/2]`` long, positions of the valid entries in ``[N * N]``.
+        valid: ``[N, N]`` bool, True where source ``j`` is a candidate of gate ``g``.
+        num_candidates: ``[N]`` long, ``g + 1`` for each gate.
+        endorse_threshold: ``[N]`` float, ``1 / (num_candidates + 1)`` (ResRouting).
+    """
+
+    def __init__(self, num_modules: int, top_k: int) -> None:
+        super().__init__()
+        if num_modules < 1:
+            raise ValueError(f"num_modules must be >= 1, got {num_modules}.")
+        if not 1 <= top_k <= num_modules:
+            raise ValueError(f"top_k must be in [1, num_modules={num_modules}], got {top_k}.")
+        self.num_modules = num_modules
+        self.top_k = top_k
+        gate = torch.arange(num_modules).unsqueeze(1)
+        source = torch.arange(num_modules).unsqueeze(0)
+        valid = source <= gate
+        offsets = gate * (gate + 1) // 2
+        gather_index = torch.where(valid, offsets + source, torch.zeros_like(source))
+        num_candidates = torch.arange(1, num_modules + 1)
+        self.register_buffer("gather_index", gather_index, persistent=False)
+        self.register_buffer("flat_index", valid.flatten().nonzero().squeeze(-1), persistent=False)
+        self.register_buffer("valid", valid, persistent=False)
+        self.register_buffer("num_candidates", num_candidates, persistent=False)
+        self.register_buffer("endorse_threshold", 1.0 / (num_candidates + 1.0), persistent=False)
+
+    @property
+    def num_logits(self) -> int:
+        return self.num_modules * (self.num_modules + 1) // 2
+
+    def pad(self, flat: torch.Tensor, fill: float | bool = float("-inf")) -> torch.Tensor:
+        """``[..., N(N+1)/2]`` -> ``[..., N, N]`` with ``fill`` at invalid positions."""
+        padded = flat[..., self.gather_index]
+        return padded.masked_fill(~self.valid, fill)
+
+    def flatten(self, padded: torch.Tensor) -> torch.Tensor:
+        """``[..., N, N]`` -> ``[..., N(N+1)/2]`` (inverse of :meth:`pad` on valid positions)."""
+        return padded.flatten(-2)[..., self.flat_index]
+
+
+def _topk_mask(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """k-hot mask of the ``k`` largest valid scores per row; rows with fewer than ``k``
+    candidates select all of them."""
+    index = scores.topk(k, dim=-1).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, index, True)
+    return mask & valid
+
+
+def select_routes(
+    logits: torch.Tensor,
+    layout: GateLayout,
+    mode: RoutingMode,
+    temperature: torch.Tensor | None = None,
+    behaviour: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Choose the sources of every gate.
+
+    Args:
+        logits: ``[..., N, N]`` padded logits (``-inf`` at invalid positions).
+        layout: the gate layout.
+        mode: routing mode.
+        temperature: ``[...]`` per-sample routing temperature (``SAMPLE``/``BEHAVIOUR``).
+        behaviour: ``[..., N(N+1)/2]`` bool stored route (``BEHAVIOUR``).
+
+    Returns:
+        ``[..., N, N]`` bool, ``min(k, g + 1)`` True entries in row ``g``.
+    """
+    logits = logits.detach()
+    if mode is RoutingMode.TOPK:
+        return _topk_mask(logits, layout.valid, layout.top_k)
+    if temperature is None:
+        raise ValueError(f"routing mode {mode.value!r} needs a per-sample temperature.")
+    uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny, max=1.0)
+    gumbel = -torch.log(-torch.log(uniform))
+    sampled = _topk_mask(logits / temperature[..., None, None] + gumbel, layout.valid, layout.top_k)
+    if mode is RoutingMode.SAMPLE:
+        return sampled
+    if behaviour is None:
+        raise ValueError("routing mode 'behaviour' needs the stored behaviour route.")
+    stored = layout.pad(behaviour.bool(), fill=False)
+    has_route = behaviour.bool().any(-1)[..., None, None]
+    return torch.where(has_route, stored, sampled)
+
+
+def route_weights(logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``logits`` restricted to ``selected`` (zero elsewhere), ``[..., N, N]``."""
+    return torch.softmax(logits.masked_fill(~selected, float("-inf")), dim=-1)
+
+
+def endorsement_mask(logits: torch.Tensor, layout: GateLayout) -> torch.Tensor:
+    """ResRouting endorsement: ``softmax(z)_j > 1 / (n_g + 1)`` over each gate's candidates."""
+    probs = torch.softmax(logits.detach(), dim=-1)
+    return (probs > layout.endorse_threshold[:, None]) & layout.valid

@@ -1,0 +1,47 @@
+"""Task-id handling shared by the multi-task networks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def flatten_task_id(task_id: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
+    """Accept ``[*B]`` or ``[*B, 1]`` integer task ids and return ``[*B]`` long."""
+    if task_id.shape == (*batch_shape, 1):
+        task_id = task_id.squeeze(-1)
+    if task_id.shape != batch_shape:
+        raise ValueError(
+            f"task_id has shape {tuple(task_id.shape)}; expected {tuple(batch_shape)} "
+            f"or {(*batch_shape, 1)} to match the input features."
+        )
+    return task_id.long()
+
+
+def check_task_range(task_id: torch.Tensor, num_tasks: int) -> None:
+    """Raise ``ValueError`` when a task id is outside ``[0, num_tasks)``.
+
+    Skipped while tracing with ``torch.compile`` (it reads data on the host).
+    """
+    if torch.compiler.is_compiling() or task_id.numel() == 0:
+        return
+    low, high = int(task_id.min()), int(task_id.max())
+    if low < 0 or high >= num_tasks:
+        raise ValueError(
+            f"task_id out of range: got values in [{low}, {high}], the network was built "
+            f"for {num_tasks} tasks (ids 0..{num_tasks - 1})."
+        )
+
+
+def check_features(features: torch.Tensor, in_features: int, what: str) -> None:
+    if features.shape[-1] != in_features:
+        raise ValueError(
+            f"{what} has width {features.shape[-1]}; the network expects {in_features} "
+            "(observation width, plus action width for a critic)."
+        )
+
+
+class TaskEmbedding(nn.Linear):
+    """``Linear(T, width)`` applied to the one-hot of ``task_id``, computed as a lookup."""
+
+    def forward(self, task_id: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.weight.t()[task_id] + self.bias
