@@ -200,6 +200,7 @@ def make_env(
     reward_scale: float = 1.0,
     reward_function_version: Literal["v1", "v2"] = "v2",
     execution: Literal["serial", "parallel"] = "serial",
+    first_task_id: int = 0,
 ) -> EnvBase:
     """Meta-World tasks as one TorchRL env with batch size ``[T]``, sub-env ``i`` = task ``i``.
 
@@ -213,6 +214,8 @@ def make_env(
         reward_function_version: Meta-World reward version, ``"v1"`` or ``"v2"``.
         execution: ``"serial"`` (in-process ``SerialEnv``, fastest on 2 cores) or
             ``"parallel"`` (``ParallelEnv``, one process per task).
+        first_task_id: ``task_id`` of the first task (a collector worker holding a slice
+            of a benchmark keeps the benchmark's ids).
     """
     tasks = resolve_tasks(benchmark)
     _check_choice("goals", goals, GOAL_MODES)
@@ -226,8 +229,8 @@ def make_env(
         functools.partial(
             make_task_env,
             name,
-            task_id,
-            seed=seed + task_id,
+            first_task_id + task_id,
+            seed=seed + first_task_id + task_id,
             goals=goals,
             max_episode_steps=max_episode_steps,
             reward_scale=reward_scale,

@@ -37,6 +37,7 @@ __all__ = [
     "select_routes",
     "route_weights",
     "endorsement_mask",
+    "route_depth",
 ]
 
 
@@ -155,7 +156,7 @@ def select_routes(
         return _topk_mask(logits, layout.valid, layout.top_k)
     if temperature is None:
         raise ValueError(f"routing mode {mode.value!r} needs a per-sample temperature.")
-    uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny, max=1.0)
+    uniform = torch.rand_like(logits).clamp(min=torch.finfo(logits.dtype).tiny, max=1.0)
     gumbel = -torch.log(-torch.log(uniform))
     sampled = _topk_mask(logits / temperature[..., None, None] + gumbel, layout.valid, layout.top_k)
     if mode is RoutingMode.SAMPLE:
@@ -176,3 +177,17 @@ def endorsement_mask(logits: torch.Tensor, layout: GateLayout) -> torch.Tensor:
     """ResRouting endorsement: ``softmax(z)_j > 1 / (n_g + 1)`` over each gate's candidates."""
     probs = torch.softmax(logits.detach(), dim=-1)
     return (probs > layout.endorse_threshold[:, None]) & layout.valid
+
+
+def route_depth(selected: torch.Tensor) -> torch.Tensor:
+    """Number of modules on the longest chain of a route, ``[..., N, N]`` bool -> ``[...]``.
+
+    Module 1 has depth 1; module ``g + 2`` has depth ``1 +`` the deepest of its selected
+    sources; the route's depth is the deepest source of the output gate.
+    """
+    num_modules = selected.shape[-1]
+    depths = [torch.ones(selected.shape[:-2], dtype=torch.long, device=selected.device)]
+    for gate in range(num_modules - 1):
+        deepest = (torch.stack(depths, -1) * selected[..., gate, : gate + 1]).amax(-1)
+        depths.append(deepest + 1)
+    return (torch.stack(depths, -1) * selected[..., -1, :]).amax(-1)

@@ -1,0 +1,134 @@
+"""Replay buffers for multi-task SAC: prioritized, per-task stratified, uniform.
+
+Stored keys: ``observation``, ``task_id``, ``action``, ``("routing", "path")`` (D2R) and
+``next`` (``observation``, ``task_id``, ``reward``, ``done``, ``terminated``,
+``truncated``). :func:`prepare_transitions` selects them and lays a collected batch
+out task-interleaved (position ``p`` holds task ``p % T``), which the stratified
+sampler relies on.
+"""
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from tensordict import TensorDictBase
+from torchrl.data import (
+    LazyMemmapStorage,
+    LazyTensorStorage,
+    TensorDictPrioritizedReplayBuffer,
+    TensorDictReplayBuffer,
+)
+from torchrl.data.replay_buffers.samplers import RandomSampler, Sampler
+
+from d2r_torchrl.modules.actor_critic import ROUTE_KEY
+
+STORED_KEYS = (
+    "observation",
+    "task_id",
+    "action",
+    ROUTE_KEY,
+    ("next", "observation"),
+    ("next", "task_id"),
+    ("next", "reward"),
+    ("next", "done"),
+    ("next", "terminated"),
+    ("next", "truncated"),
+)
+BUFFER_KINDS = ("prioritized", "stratified", "uniform")
+
+
+def prepare_transitions(batch: TensorDictBase, num_tasks: int, num_route_logits: int | None) -> TensorDictBase:
+    """Select the stored keys and interleave tasks: ``[*] -> [F * T]`` with task ``p % T`` at ``p``.
+
+    Every task must contribute the same number of transitions. With ``num_route_logits``
+    (D2R), transitions that carry no behaviour route (e.g. collected by a random policy
+    during warm-up) get an all-False route, which the loss treats as "no stored route".
+    """
+    batch = batch.reshape(-1)
+    if num_route_logits is not None and ROUTE_KEY not in batch.keys(True, True):
+        batch.set(ROUTE_KEY, torch.zeros(*batch.shape, num_route_logits, dtype=torch.bool, device=batch.device))
+    batch = batch.select(*STORED_KEYS, strict=False)
+    task_id = batch.get("task_id").reshape(-1)
+    counts = torch.bincount(task_id, minlength=num_tasks)
+    if not bool((counts == counts[0]).all()) or counts.numel() != num_tasks:
+        raise ValueError(
+            f"Collected batch has unequal transitions per task {counts.tolist()}; "
+            "the stratified layout needs every task equally represented."
+        )
+    order = torch.argsort(task_id, stable=True)
+    return batch[order].reshape(num_tasks, -1).transpose(0, 1).reshape(-1)
+
+
+class TaskStratifiedSampler(Sampler):
+    """Samples ``batch_size // T`` transitions of every task, uniformly within each task.
+
+    Relies on the task-interleaved layout of :func:`prepare_transitions` (position ``p``
+    holds task ``p % T``) and on a capacity that is a multiple of ``T``.
+    """
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+
+    def sample(self, storage, batch_size: int) -> tuple[torch.Tensor, dict]:
+        if batch_size % self.num_tasks:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of the {self.num_tasks} tasks.")
+        rows = len(storage) // self.num_tasks
+        if rows == 0:
+            raise RuntimeError("Cannot sample from a replay buffer holding less than one row of tasks.")
+        per_task = batch_size // self.num_tasks
+        row = torch.randint(rows, (per_task, self.num_tasks))
+        index = row * self.num_tasks + torch.arange(self.num_tasks)
+        return index.reshape(-1), {}
+
+    def _empty(self) -> None:
+        pass
+
+    def dumps(self, path) -> None:
+        pass
+
+    def loads(self, path) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def make_replay_buffer(
+    kind: str,
+    *,
+    capacity: int,
+    batch_size: int,
+    num_tasks: int,
+    memmap_above: int = 2_000_000,
+    scratch_dir: str | None = None,
+    priority_alpha: float = 0.6,
+    priority_beta: float = 0.4,
+    device: torch.device | str = "cpu",
+) -> TensorDictReplayBuffer:
+    """A TorchRL replay buffer of ``kind`` in :data:`BUFFER_KINDS`.
+
+    Capacity is rounded down to a multiple of ``num_tasks``; above ``memmap_above``
+    transitions the storage is memory-mapped under ``scratch_dir``. The prioritized
+    buffer reads priorities from ``td_error`` (written by the loss).
+    """
+    if kind not in BUFFER_KINDS:
+        raise ValueError(f"Unknown buffer kind {kind!r}; accepted: {list(BUFFER_KINDS)}.")
+    capacity = max(num_tasks, capacity - capacity % num_tasks)
+    if capacity > memmap_above:
+        storage = LazyMemmapStorage(capacity, scratch_dir=scratch_dir or tempfile.mkdtemp(prefix="d2r_buffer_"), device="cpu")
+    else:
+        storage = LazyTensorStorage(capacity, device=device)
+    common = dict(storage=storage, batch_size=batch_size, prefetch=None)
+    if kind == "prioritized":
+        from d2r_torchrl._extension import require_torchrl_extension
+
+        require_torchrl_extension()
+        return TensorDictPrioritizedReplayBuffer(
+            alpha=priority_alpha, beta=priority_beta, priority_key="td_error", **common
+        )
+    sampler = TaskStratifiedSampler(num_tasks) if kind == "stratified" else RandomSampler()
+    return TensorDictReplayBuffer(sampler=sampler, **common)

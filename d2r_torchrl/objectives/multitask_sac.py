@@ -1,0 +1,244 @@
+"""Multi-task SAC loss (METHOD.md section 3) for D2R and the baselines."""
+from __future__ import annotations
+
+import math
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModuleBase
+from torch import nn
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.objectives import SACLoss
+from torchrl.objectives.sac import compute_rsample_log_prob
+from torchrl.objectives.common import add_random_module
+
+from d2r_torchrl.modules.actor_critic import ROUTE_KEY, d2r_networks, is_routed
+from d2r_torchrl.modules.d2r import D2RNetwork, route_temperature_from_log_alpha
+from d2r_torchrl.modules.routing import RoutingMode, route_depth, set_routing_mode
+from d2r_torchrl.modules.task_conditioning import check_task_range, flatten_task_id
+
+add_random_module(D2RNetwork)
+
+TASK_KEY = "task_id"
+
+
+def per_task_mean(
+    values: torch.Tensor, task_id: torch.Tensor, num_tasks: int, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``values`` ``[..., B]`` over each task's samples -> ``([..., T], counts [T])``.
+
+    With ``weights`` ``[B]`` (importance weights of prioritized replay) the mean is
+    ``sum_i w_i v_i / n_t``. Tasks with no sample get 0.
+    """
+    if weights is not None:
+        values = values * weights
+    sums = values.new_zeros(*values.shape[:-1], num_tasks).index_add(-1, task_id, values)
+    counts = torch.zeros(num_tasks, device=values.device).index_add(
+        0, task_id, torch.ones_like(task_id, dtype=torch.float32)
+    )
+    return sums / counts.clamp(min=1.0), counts
+
+
+class MultiTaskSACLoss(SACLoss):
+    """SAC with one temperature per task, loss balancing and D2R routing modes.
+
+    Per task ``t`` (each term is the mean over that task's samples in the batch)::
+
+        J_alpha_t = -mean[log alpha_t (log pi(a~|s) - |A|)]
+        J_pi_t    = w_t mean[alpha_t log pi(a~|s) - min_k Q_k(s, a~)]
+        J_Q_t     = w_t mean[sum_k (Q_k(s, a) - y)^2]
+        y = r + gamma (1 - terminated) (min_k Qbar_k(s', a') - alpha_t log pi(a'|s'))
+
+    with ``w_t = T softmax(-log alpha)_t`` (detached) when ``loss_balancing`` is on, else 1.
+    The reported losses are ``sum_t keep_t J_t / P``, where ``P`` is the number of tasks
+    present in the batch and ``keep_t`` drops a task whose summed loss exceeds
+    ``extreme_loss_threshold``. With a stratified batch (same count per task, as the
+    reference) this equals the reference's batch mean; with uneven counts (uniform or
+    prioritized sampling) every present task still weighs the same. Priority weights
+    ``w_i`` enter as ``sum_i w_i x_i / n_t``.
+
+    Routing (D2R networks; other networks ignore it): the policy term replays the stored
+    behaviour route ``("routing", "path")`` with ResRouting; ``Q(s, a)`` in the TD term
+    samples routes with the per-task temperature; the target action ``a'``, the target
+    critics and ``Q(s, a~)`` in the policy term take the top-k route.
+
+    Call :meth:`after_update` after each optimiser step: it caps ``log alpha`` and
+    refreshes the routing temperatures of the actor, the critics and their targets.
+
+    Args:
+        actor_network: a ``ProbabilisticActor`` (see :func:`~d2r_torchrl.modules.make_actor`).
+        qvalue_network: one critic; two independent copies are made.
+        num_tasks: ``T``.
+        loss_balancing: multiply policy and critic terms by ``w_t``.
+        alpha_init: initial temperature of every task.
+        max_log_alpha: cap on ``log alpha`` (``None`` for no cap).
+        extreme_loss_threshold: drop tasks whose loss exceeds it (``None`` keeps all).
+        time_limit_terminal: treat ``done`` (time limits included) as terminal, as the
+            reference code did; by default only ``terminated`` stops bootstrapping.
+    """
+
+    def __init__(
+        self,
+        actor_network: ProbabilisticTensorDictSequential,
+        qvalue_network: TensorDictModuleBase,
+        *,
+        num_tasks: int,
+        loss_balancing: bool = True,
+        alpha_init: float = 1.0,
+        max_log_alpha: float | None = 0.0,
+        extreme_loss_threshold: float | None = 3000.0,
+        time_limit_terminal: bool = False,
+        action_spec=None,
+    ) -> None:
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
+        if alpha_init <= 0:
+            raise ValueError(f"alpha_init must be positive, got {alpha_init}.")
+        super().__init__(
+            actor_network,
+            qvalue_network,
+            num_qvalue_nets=2,
+            loss_function="l2",
+            alpha_init=alpha_init,
+            action_spec=action_spec,
+            delay_qvalue=True,
+        )
+        del self.log_alpha
+        self.log_alpha = nn.Parameter(torch.full((num_tasks,), math.log(alpha_init), device=self.device))
+        self.num_tasks = num_tasks
+        self.loss_balancing = loss_balancing
+        self.max_log_alpha_cap = max_log_alpha
+        self.extreme_loss_threshold = extreme_loss_threshold
+        self.routed_actor = is_routed(actor_network)
+        if time_limit_terminal:
+            self.set_keys(terminated=self.tensor_keys.done)
+        self.set_vmap_randomness("different")
+
+    @property
+    def _alpha(self) -> torch.Tensor:
+        return self._log_alpha_capped().exp()
+
+    def _log_alpha_capped(self) -> torch.Tensor:
+        log_alpha = self.log_alpha.detach()
+        if self.max_log_alpha_cap is not None:
+            log_alpha = log_alpha.clamp(max=self.max_log_alpha_cap)
+        return log_alpha
+
+    def balancing_weights(self) -> torch.Tensor:
+        """``[T]``: ``T softmax(-log alpha)`` when balancing, else ones."""
+        if not self.loss_balancing:
+            return torch.ones_like(self.log_alpha.detach())
+        return route_temperature_from_log_alpha(self.log_alpha)
+
+    @torch.no_grad()
+    def after_update(self) -> None:
+        """Cap ``log alpha`` and set every D2R network's routing temperature from it."""
+        if self.max_log_alpha_cap is not None:
+            self.log_alpha.data.clamp_(max=self.max_log_alpha_cap)
+        temperature = route_temperature_from_log_alpha(self.log_alpha)
+        for params in (self.actor_network_params, self.qvalue_network_params, self.target_qvalue_network_params):
+            for key, value in params.items(include_nested=True, leaves_only=True):
+                if key[-1] == "route_temperature":
+                    value.data.copy_(temperature.expand_as(value))
+
+    def _task_ids(self, tensordict: TensorDictBase) -> torch.Tensor:
+        task_id = tensordict.get(TASK_KEY, None)
+        if task_id is None:
+            raise KeyError(
+                f"MultiTaskSACLoss needs {TASK_KEY!r} in the batch; found {list(tensordict.keys(True, True))}."
+            )
+        task_id = flatten_task_id(task_id, tensordict.batch_size)
+        check_task_range(task_id, self.num_tasks)
+        return task_id
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        if tensordict.ndim != 1:
+            tensordict = tensordict.reshape(-1)
+        task_id = self._task_ids(tensordict)
+        if self.routed_actor and ROUTE_KEY not in tensordict.keys(True, True):
+            raise KeyError(
+                f"The D2R policy term replays the behaviour route {ROUTE_KEY}, which is missing "
+                "from the batch: store the actor's output with every transition."
+            )
+        weights = self._maybe_get_priority_weight(tensordict)
+        alpha = self._alpha[task_id]
+
+        q_pred, target = self._critic_terms(tensordict, alpha)
+        log_prob, min_q, route = self._actor_terms(tensordict)
+        terms = torch.stack(
+            [
+                -self.log_alpha[task_id] * (log_prob.detach() + self.target_entropy),
+                alpha * log_prob - min_q,
+                (q_pred - target).pow(2).sum(0),
+            ]
+        )
+        per_task, counts = per_task_mean(terms, task_id, self.num_tasks, weights)
+        balance = self.balancing_weights()
+        alpha_t, actor_t, critic_t = per_task[0], balance * per_task[1], balance * per_task[2]
+        task_loss = (alpha_t + actor_t + critic_t).detach()
+        present = counts > 0
+        keep = present
+        if self.extreme_loss_threshold is not None:
+            keep = present & (task_loss <= self.extreme_loss_threshold)
+        scale = keep.float() / present.sum().clamp(min=1)
+
+        tensordict.set(self.tensor_keys.priority, (q_pred - target).abs().max(0).values.detach())
+        out = {
+            "loss_actor": (scale * actor_t).sum(),
+            "loss_qvalue": (scale * critic_t).sum(),
+            "loss_alpha": (scale * alpha_t).sum(),
+            "alpha": self._alpha,
+            "entropy": -log_prob.detach().mean(),
+            "task_loss": task_loss,
+            "task_kept": keep,
+            "task_count": counts,
+            "balancing_weight": balance,
+        }
+        if route is not None:
+            depth, _ = per_task_mean(route_depth(route).float(), task_id, self.num_tasks)
+            out["route_depth"] = torch.where(present, depth, torch.nan)
+        return TensorDict(out, batch_size=[])
+
+    def _critic_terms(self, tensordict: TensorDictBase, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q_k(s, a) [2, B] with sampled routes, TD target y [B])``."""
+        with torch.no_grad():
+            next_td = tensordict.get("next").select(*self.actor_network.in_keys, strict=False).copy()
+            with set_exploration_type(ExplorationType.RANDOM), set_routing_mode(
+                RoutingMode.TOPK
+            ), self.actor_network_params.to_module(self.actor_network, preserve_module_state=False):
+                next_action, next_log_prob = compute_rsample_log_prob(self.actor_network.get_dist(next_td))
+            next_td.set(self.tensor_keys.action, next_action)
+            for key in self.qvalue_network.in_keys:
+                if key not in next_td.keys(True, True):
+                    next_td.set(key, tensordict.get(("next", key)))
+            with set_routing_mode(RoutingMode.TOPK):
+                next_q = self._vmap_qnetworkN0(next_td, self.target_qvalue_network_params)
+            next_value = next_q.get(self.tensor_keys.state_action_value).squeeze(-1).min(0).values
+            next_value = next_value - alpha * next_log_prob
+            target_td = tensordict.select("next", strict=False).copy()
+            target_td.set(("next", self.value_estimator.tensor_keys.value), next_value.unsqueeze(-1))
+            target = self.value_estimator.value_estimate(target_td).squeeze(-1)
+        with set_routing_mode(RoutingMode.SAMPLE):
+            pred = self._vmap_qnetworkN0(
+                tensordict.select(*self.qvalue_network.in_keys, strict=False), self.qvalue_network_params
+            )
+        return pred.get(self.tensor_keys.state_action_value).squeeze(-1), target
+
+    def _actor_terms(
+        self, tensordict: TensorDictBase
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(log pi(a~|s) [B], min_k Q_k(s, a~) [B], route replayed [B, L] or None)``."""
+        actor_td = tensordict.select(*self.actor_network.in_keys, ROUTE_KEY, strict=False).copy()
+        with set_exploration_type(ExplorationType.RANDOM), set_routing_mode(
+            RoutingMode.BEHAVIOUR
+        ), self.actor_network_params.to_module(self.actor_network, preserve_module_state=False):
+            action, log_prob = compute_rsample_log_prob(self.actor_network.get_dist(actor_td))
+        q_td = tensordict.select(*self.qvalue_network.in_keys, strict=False).copy()
+        q_td.set(self.tensor_keys.action, action)
+        with set_routing_mode(RoutingMode.TOPK):
+            q = self._vmap_qnetworkN0(q_td, self._cached_detached_qvalue_params)
+        min_q = q.get(self.tensor_keys.state_action_value).squeeze(-1).min(0).values
+        route = actor_td.get(ROUTE_KEY, None) if self.routed_actor else None
+        if route is not None:
+            route = d2r_networks(self.actor_network)[0].layout.pad(route, fill=False)
+        return log_prob, min_q, route

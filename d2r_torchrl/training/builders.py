@@ -1,0 +1,131 @@
+"""Factories turning a :class:`RunConfig` into TorchRL components."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollector
+from torchrl.envs import EnvBase
+from torchrl.modules import ProbabilisticActor
+from torchrl.objectives import SoftUpdate
+
+from d2r_torchrl.data.replay import make_replay_buffer
+from d2r_torchrl.envs.metaworld import make_env, resolve_tasks
+from d2r_torchrl.modules.actor_critic import make_actor, make_critic
+from d2r_torchrl.objectives.multitask_sac import MultiTaskSACLoss
+from d2r_torchrl.training.config import RunConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def task_names(config: RunConfig) -> tuple[str, ...]:
+    """``env.benchmark`` may be ``MT10``, ``MT50``, a task name or comma-separated names."""
+    benchmark = config.env.benchmark
+    return resolve_tasks(benchmark.split(",") if "," in benchmark else benchmark)
+
+
+def env_factory(config: RunConfig, tasks: tuple[str, ...], *, first_task_id: int = 0, seed_offset: int = 0) -> Callable[[], EnvBase]:
+    """A picklable zero-argument factory of the batched Meta-World env."""
+    return functools.partial(
+        make_env,
+        list(tasks),
+        goals=config.env.goals,
+        seed=config.seed + seed_offset,
+        max_episode_steps=config.env.max_episode_steps,
+        reward_scale=config.env.reward_scale,
+        reward_function_version=config.env.reward_function_version,
+        execution=config.env.execution,
+        first_task_id=first_task_id,
+    )
+
+
+def network_kwargs(config: RunConfig) -> dict:
+    net = config.network
+    if net.architecture == "d2r":
+        return dict(num_modules=net.num_modules, module_width=net.module_width, top_k=net.top_k)
+    if net.architecture == "soft_modular":
+        return dict(preset=net.soft_modular_preset)
+    return {}
+
+
+def make_actor_critic(config: RunConfig, env: EnvBase, num_tasks: int) -> tuple[ProbabilisticActor, torch.nn.Module]:
+    observation_dim = env.observation_spec["observation"].shape[-1]
+    action_spec = env.full_action_spec["action"]
+    action_spec = action_spec[(0,) * (action_spec.ndim - 1)] if action_spec.ndim > 1 else action_spec
+    kwargs = network_kwargs(config)
+    actor = make_actor(config.network.architecture, observation_dim, action_spec, num_tasks, **kwargs)
+    critic = make_critic(config.network.architecture, observation_dim, action_spec.shape[-1], num_tasks, **kwargs)
+    return actor, critic
+
+
+def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTaskSACLoss, SoftUpdate]:
+    loss = MultiTaskSACLoss(
+        actor,
+        critic,
+        num_tasks=num_tasks,
+        loss_balancing=config.loss.loss_balancing,
+        alpha_init=config.loss.alpha_init,
+        max_log_alpha=config.loss.max_log_alpha,
+        extreme_loss_threshold=config.loss.extreme_loss_threshold,
+        time_limit_terminal=config.loss.time_limit_terminal,
+    )
+    loss.make_value_estimator(gamma=config.loss.gamma)
+    return loss, SoftUpdate(loss, tau=config.loss.target_update_tau)
+
+
+def make_optimizers(config: RunConfig, loss: MultiTaskSACLoss) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per network (actor, critics, temperatures), as the reference."""
+    return {
+        "actor": torch.optim.Adam(loss.actor_network_params.values(True, True), lr=config.loss.actor_lr),
+        "critic": torch.optim.Adam(loss.qvalue_network_params.values(True, True), lr=config.loss.critic_lr),
+        "alpha": torch.optim.Adam([loss.log_alpha], lr=config.loss.alpha_lr),
+    }
+
+
+def make_buffer(config: RunConfig, num_tasks: int, scratch_dir: str | None, device: torch.device):
+    return make_replay_buffer(
+        config.buffer.kind,
+        capacity=config.buffer.capacity,
+        batch_size=config.buffer.batch_size_per_task * num_tasks,
+        num_tasks=num_tasks,
+        memmap_above=config.buffer.memmap_above,
+        scratch_dir=scratch_dir,
+        priority_alpha=config.buffer.priority_alpha,
+        priority_beta=config.buffer.priority_beta,
+        device=device,
+    )
+
+
+def make_collector(
+    config: RunConfig, tasks: tuple[str, ...], policy, device: torch.device, frames_done: int = 0
+):
+    """``Collector`` over all tasks, or a multi-process collector whose workers each
+    step a contiguous slice of the tasks (ids kept global). ``frames_done`` frames of
+    the budget (and of a random warm-up) are already spent when resuming."""
+    frames_per_batch = config.collector.steps_per_task * len(tasks)
+    warmup_frames = config.collector.warmup_rounds * frames_per_batch - frames_done
+    random_warmup = config.collector.warmup_policy == "random" and warmup_frames > 0
+    common = dict(
+        frames_per_batch=frames_per_batch,
+        total_frames=config.collector.total_steps_per_task * len(tasks) - frames_done,
+        init_random_frames=warmup_frames if random_warmup else None,
+        device=device,
+        storing_device="cpu",
+        auto_register_policy_transforms=False,
+    )
+    if config.collector.kind == "sync":
+        return Collector(env_factory(config, tasks), policy, **common)
+    workers = min(config.collector.num_workers, len(tasks))
+    bounds = [round(i * len(tasks) / workers) for i in range(workers + 1)]
+    factories = [
+        env_factory(config, tasks[lo:hi], first_task_id=lo) for lo, hi in zip(bounds[:-1], bounds[1:])
+    ]
+    cls = MultiSyncCollector if config.collector.kind == "multi_sync" else MultiAsyncCollector
+    common["frames_per_batch"] = frames_per_batch if cls is MultiSyncCollector else frames_per_batch // workers
+    return cls(factories, policy, **common)

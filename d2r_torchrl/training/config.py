@@ -1,0 +1,272 @@
+"""Run configuration: dataclass sections, reference presets and dotted overrides.
+
+Override any field from the command line as ``section.field=value``
+(``loss.gamma=0.98``, ``env.benchmark=MT50``, ``loss.max_log_alpha=none``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+ALGORITHMS = ("d2r", "soft_modular", "mt_sac", "mh_sac")
+COLLECTORS = ("sync", "multi_sync", "multi_async")
+BUFFERS = ("prioritized", "stratified", "uniform")
+WARMUP_POLICIES = ("policy", "random")
+LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not accepted."""
+
+
+@dataclass
+class EnvConfig:
+    benchmark: str = "MT10"
+    goals: str = "fixed"
+    max_episode_steps: int = 200
+    reward_scale: float = 0.1
+    reward_function_version: str = "v2"
+    execution: str = "serial"
+
+
+@dataclass
+class NetworkConfig:
+    architecture: str = "d2r"
+    num_modules: int = 16
+    module_width: int = 128
+    top_k: int = 2
+    soft_modular_preset: str = "shallow"
+
+
+@dataclass
+class LossConfig:
+    gamma: float = 0.99
+    loss_balancing: bool = True
+    alpha_init: float = 1.0
+    max_log_alpha: typing.Optional[float] = 0.0
+    extreme_loss_threshold: typing.Optional[float] = 3000.0
+    time_limit_terminal: bool = False
+    target_update_tau: float = 0.005
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 1e-4
+    grad_clip_norm: typing.Optional[float] = 1.0
+
+
+@dataclass
+class CollectorConfig:
+    kind: str = "sync"
+    num_workers: int = 2
+    steps_per_task: int = 200
+    updates_per_round: int = 200
+    warmup_rounds: int = 20
+    warmup_policy: str = "policy"
+    total_steps_per_task: int = 1_500_000
+
+
+@dataclass
+class BufferConfig:
+    kind: str = "prioritized"
+    capacity: int = 1_000_000
+    batch_size_per_task: int = 128
+    memmap_above: int = 2_000_000
+    priority_alpha: float = 0.6
+    priority_beta: float = 0.4
+    in_checkpoint: bool = False
+
+
+@dataclass
+class EvalConfig:
+    interval_rounds: int = 50
+    episodes_per_task: int = 32
+
+
+@dataclass
+class LogConfig:
+    backend: str = "csv"
+    root: str = "runs"
+    name: str = ""
+    checkpoint_interval_rounds: int = 50
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"
+    env: EnvConfig = field(default_factory=EnvConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    collector: CollectorConfig = field(default_factory=CollectorConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        config = cls()
+        apply_overrides(config, [f"{key}={json.dumps(value)}" for key, value in _flatten(data)])
+        return config
+
+
+def preset(algorithm: str, benchmark: str) -> RunConfig:
+    """Reference hyper-parameters (METHOD.md section 5) for an algorithm on MT10 or MT50."""
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"Unknown algorithm {algorithm!r}; accepted: {list(ALGORITHMS)}.")
+    if benchmark not in ("MT10", "MT50"):
+        raise ConfigError(f"Presets exist for 'MT10' and 'MT50', got {benchmark!r}.")
+    config = RunConfig()
+    config.env.benchmark = benchmark
+    config.network.architecture = algorithm
+    config.loss.loss_balancing = algorithm in ("d2r", "soft_modular")
+    if benchmark == "MT50":
+        config.buffer.capacity = 10_000_000
+        config.collector.total_steps_per_task = 1_000_000
+        config.network.soft_modular_preset = "deep"
+    validate(config)
+    return config
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            items.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def describe(config: RunConfig) -> str:
+    """One line per option: ``key = value  (type)``, for ``--help``."""
+    lines = []
+    for key, value in _flatten(config.to_dict()):
+        kind = _field_type(config, key.split("."))
+        lines.append(f"  {key} = {value!r}  ({getattr(kind, '__name__', str(kind))})")
+    return "\n".join(lines)
+
+
+def _field_type(config: Any, path: list[str]) -> Any:
+    target = config
+    for name in path[:-1]:
+        target = getattr(target, name)
+    return typing.get_type_hints(type(target))[path[-1]]
+
+
+def _parse(raw: str, kind: Any, key: str) -> Any:
+    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    if optional:
+        if raw.strip().lower() in ("none", "null"):
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(float(raw)) if float(raw).is_integer() else int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is str:
+            return raw.strip('"')
+    except ValueError:
+        pass
+    raise ConfigError(f"Invalid value {raw!r} for {key}: expected {getattr(kind, '__name__', kind)}.")
+
+
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """Apply ``section.field=value`` strings in place; unknown keys raise :class:`ConfigError`."""
+    known = [key for key, _ in _flatten(config.to_dict())]
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"Override {override!r} is not of the form key=value.")
+        key, raw = override.split("=", 1)
+        key = key.strip()
+        if key not in known:
+            raise ConfigError(f"Unknown config key {key!r}; accepted keys: {', '.join(known)}.")
+        path = key.split(".")
+        target = config
+        for name in path[:-1]:
+            target = getattr(target, name)
+        setattr(target, path[-1], _parse(raw, _field_type(config, path), key))
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: Any, accepted: Sequence[Any]) -> None:
+    _require(value in accepted, f"Invalid {key}={value!r}; accepted: {list(accepted)}.")
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Check every value before any work starts; raises :class:`ConfigError`."""
+    from d2r_torchrl.envs.metaworld import EXECUTION_MODES, GOAL_MODES, REWARD_VERSIONS, resolve_tasks
+
+    try:
+        resolve_tasks(config.env.benchmark.split(",") if "," in config.env.benchmark else config.env.benchmark)
+    except ValueError as error:
+        raise ConfigError(f"env.benchmark: {error}") from None
+    _choice("device", config.device.split(":")[0], ("auto", "cpu", "cuda"))
+    _choice("env.goals", config.env.goals, GOAL_MODES)
+    _choice("env.execution", config.env.execution, EXECUTION_MODES)
+    _choice("env.reward_function_version", config.env.reward_function_version, REWARD_VERSIONS)
+    _choice("network.architecture", config.network.architecture, ALGORITHMS)
+    _choice("network.soft_modular_preset", config.network.soft_modular_preset, ("shallow", "deep"))
+    _choice("collector.kind", config.collector.kind, COLLECTORS)
+    _choice("collector.warmup_policy", config.collector.warmup_policy, WARMUP_POLICIES)
+    _choice("buffer.kind", config.buffer.kind, BUFFERS)
+    _choice("log.backend", config.log.backend, LOGGERS)
+    positive = {
+        "env.max_episode_steps": config.env.max_episode_steps,
+        "env.reward_scale": config.env.reward_scale,
+        "network.num_modules": config.network.num_modules,
+        "network.module_width": config.network.module_width,
+        "network.top_k": config.network.top_k,
+        "loss.alpha_init": config.loss.alpha_init,
+        "loss.actor_lr": config.loss.actor_lr,
+        "loss.critic_lr": config.loss.critic_lr,
+        "loss.alpha_lr": config.loss.alpha_lr,
+        "collector.num_workers": config.collector.num_workers,
+        "collector.steps_per_task": config.collector.steps_per_task,
+        "collector.total_steps_per_task": config.collector.total_steps_per_task,
+        "buffer.capacity": config.buffer.capacity,
+        "buffer.batch_size_per_task": config.buffer.batch_size_per_task,
+        "eval.interval_rounds": config.eval.interval_rounds,
+        "log.checkpoint_interval_rounds": config.log.checkpoint_interval_rounds,
+    }
+    for key, value in positive.items():
+        _require(value > 0, f"{key} must be positive, got {value!r}.")
+    for key, value in {
+        "collector.updates_per_round": config.collector.updates_per_round,
+        "collector.warmup_rounds": config.collector.warmup_rounds,
+        "eval.episodes_per_task": config.eval.episodes_per_task,
+    }.items():
+        _require(value >= 0, f"{key} must be >= 0, got {value!r}.")
+    _require(
+        config.network.top_k <= config.network.num_modules,
+        f"network.top_k={config.network.top_k} must not exceed network.num_modules={config.network.num_modules}.",
+    )
+    _require(0 < config.loss.gamma <= 1, f"loss.gamma must be in (0, 1], got {config.loss.gamma}.")
+    _require(
+        0 < config.loss.target_update_tau <= 1,
+        f"loss.target_update_tau must be in (0, 1], got {config.loss.target_update_tau}.",
+    )
+    _require(
+        not (config.buffer.kind == "stratified" and config.collector.kind == "multi_async"),
+        "buffer.kind=stratified needs every task in every collected batch; use collector.kind "
+        "'sync' or 'multi_sync' with it.",
+    )
+    return config

@@ -1,0 +1,183 @@
+"""The training loop: env -> collector -> buffer -> loss -> optimisers -> policy."""
+from __future__ import annotations
+
+import datetime
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+import tqdm
+from tensordict import TensorDictBase
+from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger, WandbLogger
+
+from d2r_torchrl.data.replay import prepare_transitions
+from d2r_torchrl.modules.actor_critic import d2r_networks
+from d2r_torchrl.training import builders, checkpointing
+from d2r_torchrl.training.config import RunConfig, validate
+from d2r_torchrl.training.evaluation import evaluate
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def make_logger(config: RunConfig, run_dir: Path) -> Logger:
+    name = run_dir.name
+    if config.log.backend == "tensorboard":
+        return TensorboardLogger(name, log_dir=str(run_dir))
+    if config.log.backend == "wandb":
+        return WandbLogger(name, save_dir=str(run_dir), config=config.to_dict())
+    return CSVLogger(name, log_dir=str(run_dir.parent))
+
+
+class Trainer:
+    """Runs multi-task SAC as configured; ``Trainer(config).train()``.
+
+    One *round* collects ``collector.steps_per_task`` steps in every task, then (after
+    ``collector.warmup_rounds`` rounds) runs ``collector.updates_per_round`` updates.
+    Checkpoints go to ``run_dir/checkpoint`` every ``log.checkpoint_interval_rounds``
+    rounds and on SIGINT/SIGTERM; :meth:`resume` continues a run directory.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
+        self.config = validate(config)
+        torch.manual_seed(config.seed)
+        self.device = builders.resolve_device(config.device)
+        self.tasks = builders.task_names(config)
+        self.num_tasks = len(self.tasks)
+        self.run_dir = run_dir or self._new_run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.eval_env = builders.env_factory(config, self.tasks, seed_offset=10_000)()
+        actor, critic = builders.make_actor_critic(config, self.eval_env, self.num_tasks)
+        self.actor = actor.to(self.device)
+        self.loss, self.target_updater = builders.make_loss(config, self.actor, critic.to(self.device), self.num_tasks)
+        self.optimizers = builders.make_optimizers(config, self.loss)
+        self.buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
+        routed = d2r_networks(self.actor)
+        self.num_route_logits = routed[0].layout.num_logits if routed else None
+        self.counters = checkpointing.Counters()
+        components = {"loss": self.loss, "counters": self.counters, "replay_buffer": self.buffer}
+        components.update({f"optim_{name}": opt for name, opt in self.optimizers.items()})
+        self.checkpoint = checkpointing.make_checkpoint(components, config.buffer.in_checkpoint)
+        self.logger = make_logger(config, self.run_dir)
+        self._stop_signal: int | None = None
+        (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    def _new_run_dir(self) -> Path:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = self.config.log.name or f"{self.config.network.architecture}_{self.config.env.benchmark}_{stamp}"
+        return Path(self.config.log.root) / name
+
+    @classmethod
+    def resume(cls, run_dir: str | Path) -> "Trainer":
+        """Rebuild a run from ``run_dir/config.json`` and load its checkpoint."""
+        run_dir = Path(run_dir)
+        config_path = run_dir / "config.json"
+        if not config_path.exists():
+            raise checkpointing.ResumeError(f"{run_dir} has no config.json: it is not a run directory.")
+        try:
+            config = RunConfig.from_dict(json.loads(config_path.read_text()))
+        except (ValueError, json.JSONDecodeError) as error:
+            raise checkpointing.ResumeError(f"{config_path} is unreadable: {error}") from error
+        trainer = cls(config, run_dir)
+        checkpointing.load(trainer.checkpoint, run_dir, map_location=trainer.device)
+        trainer.loss.after_update()
+        return trainer
+
+    # ------------------------------------------------------------------ updates
+    def update(self) -> TensorDictBase:
+        """One gradient step of every network, target update and temperature refresh."""
+        batch = self.buffer.sample().to(self.device)
+        losses = self.loss(batch)
+        total = losses["loss_actor"] + losses["loss_qvalue"] + losses["loss_alpha"]
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(
+                f"Non-finite loss at update {self.counters.updates}: "
+                f"{ {k: float(losses[k]) for k in ('loss_actor', 'loss_qvalue', 'loss_alpha')} }. "
+                f"The last good checkpoint in {self.run_dir} is kept."
+            )
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        clip = self.config.loss.grad_clip_norm
+        for optimizer in self.optimizers.values():
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], clip)
+            optimizer.step()
+        self.target_updater.step()
+        self.loss.after_update()
+        if self.config.buffer.kind == "prioritized":
+            self.buffer.update_tensordict_priority(batch)
+        self.counters.updates += 1
+        return losses.detach()
+
+    # --------------------------------------------------------------------- loop
+    def train(self) -> dict[str, float]:
+        """Run until the frame budget is spent or a stop signal arrives."""
+        cfg = self.config
+        total_frames = cfg.collector.total_steps_per_task * self.num_tasks
+        collector = builders.make_collector(cfg, self.tasks, self.actor, self.device, self.counters.frames)
+        bar = tqdm.tqdm(total=total_frames, initial=self.counters.frames, unit="frame", disable=not cfg.log.progress_bar)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        summary: dict[str, float] = {}
+        try:
+            for data in collector:
+                if self.counters.frames >= total_frames:
+                    break
+                self.buffer.extend(prepare_transitions(data, self.num_tasks, self.num_route_logits))
+                self.counters.frames += data.numel()
+                self.counters.rounds += 1
+                started, losses = time.perf_counter(), None
+                if self.counters.rounds > cfg.collector.warmup_rounds:
+                    for _ in range(cfg.collector.updates_per_round):
+                        losses = self.update()
+                        if self._stop_signal is not None:
+                            break
+                    collector.update_policy_weights_()
+                rate = cfg.collector.updates_per_round / max(time.perf_counter() - started, 1e-9)
+                if losses is not None:
+                    self._log_losses(losses)
+                if self.counters.rounds % cfg.eval.interval_rounds == 0 and cfg.eval.episodes_per_task:
+                    summary["success"] = self.evaluate()
+                if self.counters.rounds % cfg.log.checkpoint_interval_rounds == 0:
+                    self.save()
+                bar.update(data.numel())
+                bar.set_postfix(updates_per_s=f"{rate:.1f}", success=summary.get("success", float("nan")))
+                if self._stop_signal is not None:
+                    self.save()
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            collector.shutdown()
+            bar.close()
+        return summary
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self._stop_signal = signum
+
+    def evaluate(self) -> float:
+        """Evaluate and log per-task and mean success; returns the mean."""
+        self.actor.eval()
+        success = evaluate(self.actor, self.eval_env, self.config.eval.episodes_per_task, self.config.env.max_episode_steps)
+        self.actor.train()
+        step = self.counters.frames
+        for name, value in zip(self.tasks, success.tolist()):
+            self.logger.log_scalar(f"eval/success/{name}", value, step=step)
+        mean = float(success.mean())
+        self.logger.log_scalar("eval/success_mean", mean, step=step)
+        return mean
+
+    def _log_losses(self, losses: TensorDictBase) -> None:
+        step = self.counters.frames
+        for key in ("loss_actor", "loss_qvalue", "loss_alpha", "entropy"):
+            self.logger.log_scalar(f"train/{key}", float(losses[key]), step=step)
+        per_task = ["alpha"] + (["route_depth"] if "route_depth" in losses.keys() else [])
+        for key in per_task:
+            for name, value in zip(self.tasks, losses[key].tolist()):
+                self.logger.log_scalar(f"train/{key}/{name}", value, step=step)
+
+    def save(self) -> Path:
+        return checkpointing.save(self.checkpoint, self.run_dir, metadata={"step": self.counters.frames})

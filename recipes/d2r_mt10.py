@@ -1,0 +1,10 @@
+"""D2R on Meta-World MT10 with the reference hyper-parameters.
+
+    python recipes/d2r_mt10.py [--resume RUN_DIR] [key=value ...]   (--help lists the keys)
+"""
+import sys
+
+from d2r_torchrl.training.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("d2r", "MT10"))
