@@ -1,0 +1,216 @@
+"""MultiTaskSACLoss against TorchRL's SACLoss, hand-computed weights and routing semantics."""
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.data import Bounded
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.objectives import SACLoss, SoftUpdate
+
+from d2r_torchrl.modules.actor_critic import ROUTE_KEY, make_actor, make_critic
+from d2r_torchrl.objectives import MultiTaskSACLoss, per_task_mean
+
+OBS, ACT = 5, 2
+SMALL_D2R = dict(num_modules=4, module_width=16, encoder_widths=(32, 32), router_widths=(32, 32))
+SMALL_MLP = dict(hidden_widths=(32, 32))
+
+
+def make_pair(architecture: str, num_tasks: int, **kwargs):
+    spec = Bounded(-1.0, 1.0, (ACT,))
+    small = SMALL_D2R if architecture == "d2r" else SMALL_MLP
+    return (
+        make_actor(architecture, OBS, spec, num_tasks, **small),
+        make_critic(architecture, OBS, ACT, num_tasks, **small),
+    )
+
+
+def make_batch(actor, num_tasks: int, per_task: int = 8, reward_scale: float = 1.0) -> TensorDict:
+    size = num_tasks * per_task
+    task_id = torch.arange(size) % num_tasks
+    batch = TensorDict(observation=torch.randn(size, OBS), task_id=task_id, batch_size=[size])
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        actor(batch)
+    batch["next"] = TensorDict(
+        observation=torch.randn(size, OBS),
+        task_id=task_id,
+        reward=reward_scale * torch.randn(size, 1),
+        done=torch.zeros(size, 1, dtype=torch.bool),
+        terminated=torch.zeros(size, 1, dtype=torch.bool),
+        batch_size=[size],
+    )
+    return batch
+
+
+def make_loss(actor, critic, num_tasks, **kwargs) -> MultiTaskSACLoss:
+    loss = MultiTaskSACLoss(actor, critic, num_tasks=num_tasks, **kwargs)
+    loss.make_value_estimator(gamma=0.9)
+    return loss
+
+
+def test_single_task_matches_torchrl_sac_loss():
+    torch.manual_seed(0)
+    actor, critic = make_pair("mt_sac", 1)
+    ours = make_loss(actor, critic, 1, loss_balancing=False)
+    reference = SACLoss(actor, critic, num_qvalue_nets=2, loss_function="l2")
+    reference.make_value_estimator(gamma=0.9)
+    ours.qvalue_network_params.data.copy_(reference.qvalue_network_params.data)
+    ours.target_qvalue_network_params.data.copy_(reference.target_qvalue_network_params.data)
+    batch = make_batch(actor, 1, per_task=32)
+    torch.manual_seed(1)
+    expected = reference(batch.clone())
+    torch.manual_seed(1)
+    got = ours(batch.clone())
+    for key in ("loss_actor", "loss_qvalue", "loss_alpha"):
+        torch.testing.assert_close(got[key], expected[key], msg=key)
+
+
+def test_per_task_mean_hand_computed():
+    values = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    task_id = torch.tensor([0, 0, 0, 2])
+    means, counts = per_task_mean(values, task_id, 3, weights=torch.tensor([1.0, 1.0, 2.0, 0.5]))
+    torch.testing.assert_close(means, torch.tensor([(1 + 2 + 6) / 3, 0.0, 5.0]))
+    torch.testing.assert_close(counts, torch.tensor([3.0, 0.0, 1.0]))
+
+
+def test_balancing_weights_hand_computed():
+    actor, critic = make_pair("mt_sac", 3)
+    loss = make_loss(actor, critic, 3)
+    with torch.no_grad():
+        loss.log_alpha.copy_(torch.tensor([0.0, math.log(2.0), math.log(4.0)]))
+    inverse = torch.tensor([1.0, 0.5, 0.25])
+    torch.testing.assert_close(loss.balancing_weights(), 3 * inverse / inverse.sum())
+    assert torch.equal(make_loss(actor, critic, 3, loss_balancing=False).balancing_weights(), torch.ones(3))
+
+
+def test_extreme_task_is_dropped_and_others_kept():
+    torch.manual_seed(0)
+    actor, critic = make_pair("mt_sac", 3)
+    batch = make_batch(actor, 3)
+    batch["next", "reward"][batch["task_id"] == 1] = 500.0
+    torch.manual_seed(2)
+    unmasked = make_loss(actor, critic, 3, extreme_loss_threshold=None)(batch.clone())
+    torch.manual_seed(2)
+    masked = make_loss(actor, critic, 3, extreme_loss_threshold=3000.0)(batch.clone())
+    task_loss = unmasked["task_loss"]
+    assert task_loss[1] > 3000 and (task_loss[[0, 2]] < 3000).all()
+    assert masked["task_kept"].tolist() == [True, False, True]
+    total = masked["loss_actor"] + masked["loss_qvalue"] + masked["loss_alpha"]
+    torch.testing.assert_close(total, task_loss[[0, 2]].sum() / 3)
+    unmasked_total = unmasked["loss_actor"] + unmasked["loss_qvalue"] + unmasked["loss_alpha"]
+    torch.testing.assert_close(unmasked_total, task_loss.sum() / 3)
+
+
+def test_alpha_gradient_zero_for_absent_task_and_cap_holds():
+    torch.manual_seed(0)
+    actor, critic = make_pair("d2r", 3)
+    loss = make_loss(actor, critic, 3)
+    batch = make_batch(actor, 3)
+    batch = batch[batch["task_id"] != 2]
+    out = loss(batch)
+    out["loss_alpha"].backward()
+    grad = loss.log_alpha.grad
+    assert grad[2] == 0 and (grad[:2] != 0).all()
+    with torch.no_grad():
+        loss.log_alpha.copy_(torch.tensor([0.5, -0.3, 2.0]))
+    loss.after_update()
+    torch.testing.assert_close(loss.log_alpha.detach(), torch.tensor([0.0, -0.3, 0.0]))
+
+
+def test_route_temperature_refreshed_everywhere():
+    actor, critic = make_pair("d2r", 3)
+    loss = make_loss(actor, critic, 3)
+    with torch.no_grad():
+        loss.log_alpha.copy_(torch.tensor([0.0, -1.0, -2.0]))
+    loss.after_update()
+    inverse = torch.exp(torch.tensor([0.0, 1.0, 2.0]))
+    expected = 3 * inverse / inverse.sum()
+    torch.testing.assert_close(actor.module[0].network.route_temperature, expected)
+    for params in (loss.qvalue_network_params, loss.target_qvalue_network_params):
+        temperatures = [v for k, v in params.items(True, True) if k[-1] == "route_temperature"]
+        assert len(temperatures) == 1
+        torch.testing.assert_close(temperatures[0], expected.expand(2, 3))
+
+
+def test_policy_term_reads_stored_route_and_critic_terms_do_not():
+    torch.manual_seed(0)
+    actor, critic = make_pair("d2r", 2)
+    loss = make_loss(actor, critic, 2)
+    batch = make_batch(actor, 2)
+    torch.manual_seed(3)
+    base = loss(batch.clone())
+    altered = batch.clone()
+    altered[ROUTE_KEY] = make_batch(actor, 2)[ROUTE_KEY]
+    assert not torch.equal(altered[ROUTE_KEY], batch[ROUTE_KEY])
+    torch.manual_seed(3)
+    changed = loss(altered)
+    assert not torch.allclose(changed["loss_actor"], base["loss_actor"])
+    torch.testing.assert_close(changed["loss_qvalue"], base["loss_qvalue"])
+
+
+def test_missing_keys_raise_clear_errors():
+    actor, critic = make_pair("d2r", 2)
+    loss = make_loss(actor, critic, 2)
+    batch = make_batch(actor, 2)
+    with pytest.raises(KeyError, match="task_id"):
+        loss(batch.exclude("task_id"))
+    with pytest.raises(KeyError, match="behaviour route"):
+        loss(batch.exclude(ROUTE_KEY))
+    bad = batch.clone()
+    bad["task_id"][0] = 7
+    with pytest.raises(ValueError, match="out of range"):
+        loss(bad)
+
+
+def test_priority_weights_and_td_error():
+    torch.manual_seed(0)
+    actor, critic = make_pair("mt_sac", 2)
+    loss = make_loss(actor, critic, 2)
+    batch = make_batch(actor, 2)
+    torch.manual_seed(4)
+    plain = loss(batch.clone())
+    weighted = batch.clone()
+    weighted["priority_weight"] = torch.full((batch.shape[0],), 2.0)
+    torch.manual_seed(4)
+    doubled = loss(weighted)
+    torch.testing.assert_close(doubled["loss_qvalue"], 2 * plain["loss_qvalue"])
+    assert weighted["td_error"].shape == batch.shape and (weighted["td_error"] >= 0).all()
+
+
+def test_time_limit_terminal_option_stops_bootstrap_on_truncation():
+    torch.manual_seed(0)
+    actor, critic = make_pair("mt_sac", 1)
+    batch = make_batch(actor, 1)
+    batch["next", "done"][:] = True  # time limit: done and truncated, not terminated
+    results = {}
+    for terminal in (False, True):
+        loss = make_loss(actor, critic, 1, time_limit_terminal=terminal)
+        torch.manual_seed(5)
+        results[terminal] = loss(batch.clone())["loss_qvalue"]
+    assert not torch.allclose(results[False], results[True])
+
+
+def test_tiny_multitask_problem_learns():
+    """Two bandit tasks whose best action differs: critic loss falls, alphas fall."""
+    torch.manual_seed(0)
+    actor, critic = make_pair("d2r", 2)
+    loss = make_loss(actor, critic, 2)
+    optim = torch.optim.Adam(loss.parameters(), lr=3e-3)
+    updater = SoftUpdate(loss, tau=0.05)
+    targets = torch.tensor([0.5, -0.5])
+    critic_losses = []
+    for _ in range(150):
+        batch = make_batch(actor, 2, per_task=32)
+        action = batch["action"]
+        batch["next", "reward"] = -(action[:, :1] - targets[batch["task_id"]].unsqueeze(-1)) ** 2
+        batch["next", "terminated"][:] = True
+        batch["next", "done"][:] = True
+        out = loss(batch)
+        optim.zero_grad()
+        (out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]).backward()
+        optim.step()
+        updater.step()
+        loss.after_update()
+        critic_losses.append(float(out["loss_qvalue"]))
+    assert sum(critic_losses[-20:]) / 20 < 0.5 * sum(critic_losses[:20]) / 20
+    assert (loss.log_alpha.detach() < 0).all()
