@@ -173,3 +173,9 @@ def make_critic(
     """One Q-network; the loss module makes the twin copy."""
     network = make_network(architecture, observation_dim + action_dim, num_tasks, 1, **network_kwargs)
     return QValue(network)
+
+
+def num_route_logits(module: nn.Module) -> int | None:
+    """``N(N+1)/2`` of the first D2R network inside ``module``, or None if it has none."""
+    networks = d2r_networks(module)
+    return networks[0].layout.num_logits if networks else None

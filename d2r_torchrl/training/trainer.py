@@ -13,7 +13,7 @@ from tensordict import TensorDictBase
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger, WandbLogger
 
 from d2r_torchrl.data.replay import prepare_transitions
-from d2r_torchrl.modules.actor_critic import d2r_networks
+from d2r_torchrl.modules.actor_critic import num_route_logits
 from d2r_torchrl.training import builders, checkpointing
 from d2r_torchrl.training.config import RunConfig, validate
 from d2r_torchrl.training.evaluation import evaluate
@@ -55,8 +55,7 @@ class Trainer:
         self.loss, self.target_updater = builders.make_loss(config, self.actor, critic.to(self.device), self.num_tasks)
         self.optimizers = builders.make_optimizers(config, self.loss)
         self.buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
-        routed = d2r_networks(self.actor)
-        self.num_route_logits = routed[0].layout.num_logits if routed else None
+        self.num_route_logits = num_route_logits(self.actor)
         self.counters = checkpointing.Counters()
         components = {"loss": self.loss, "counters": self.counters, "replay_buffer": self.buffer}
         components.update({f"optim_{name}": opt for name, opt in self.optimizers.items()})
