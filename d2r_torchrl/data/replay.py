@@ -2,9 +2,8 @@
 
 Stored keys: ``observation``, ``task_id``, ``action``, ``("routing", "path")`` (D2R) and
 ``next`` (``observation``, ``task_id``, ``reward``, ``done``, ``terminated``,
-``truncated``). :func:`prepare_transitions` selects them and lays a collected batch
-out task-interleaved (position ``p`` holds task ``p % T``), which the stratified
-sampler relies on.
+``truncated``). :func:`prepare_transitions` selects them and, for the stratified sampler, lays a
+collected batch out task-interleaved (position ``p`` holds task ``p % T``).
 """
 from __future__ import annotations
 
@@ -37,20 +36,26 @@ STORED_KEYS = (
 BUFFER_KINDS = ("prioritized", "stratified", "uniform")
 
 
-def prepare_transitions(batch: TensorDictBase, num_tasks: int, num_route_logits: int | None) -> TensorDictBase:
-    """Select the stored keys and interleave tasks: ``[*] -> [F * T]`` with task ``p % T`` at ``p``.
+def prepare_transitions(
+    batch: TensorDictBase, num_route_logits: int | None = None, num_tasks: int | None = None
+) -> TensorDictBase:
+    """Flatten a collected batch to ``[N]`` and keep the stored keys.
 
-    Every task must contribute the same number of transitions. With ``num_route_logits``
-    (D2R), transitions that carry no behaviour route (e.g. collected by a random policy
-    during warm-up) get an all-False route, which the loss treats as "no stored route".
+    With ``num_route_logits`` (D2R), transitions that carry no behaviour route (e.g.
+    collected by a random policy during warm-up) get an all-False route, which the loss
+    treats as "no stored route". With ``num_tasks`` the tasks are interleaved (position
+    ``p`` holds task ``p % T``), as :class:`TaskStratifiedSampler` needs; every task must
+    then contribute the same number of transitions.
     """
     batch = batch.reshape(-1)
     if num_route_logits is not None and ROUTE_KEY not in batch.keys(True, True):
         batch.set(ROUTE_KEY, torch.zeros(*batch.shape, num_route_logits, dtype=torch.bool, device=batch.device))
     batch = batch.select(*STORED_KEYS, strict=False)
+    if num_tasks is None:
+        return batch
     task_id = batch.get("task_id").reshape(-1)
     counts = torch.bincount(task_id, minlength=num_tasks)
-    if not bool((counts == counts[0]).all()) or counts.numel() != num_tasks:
+    if counts.numel() != num_tasks or not bool((counts == counts[0]).all()):
         raise ValueError(
             f"Collected batch has unequal transitions per task {counts.tolist()}; "
             "the stratified layout needs every task equally represented."

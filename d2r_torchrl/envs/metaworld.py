@@ -147,6 +147,13 @@ def make_gym_task_env(
         disable_env_checker=True,
     )
     env.unwrapped.max_path_length = max(max_episode_steps, METAWORLD_MAX_PATH_LENGTH)
+    # Meta-World adds its own TimeLimit(max_path_length=500) under gym.make's; give every
+    # TimeLimit the configured limit, else episodes longer than 500 steps end at 500.
+    wrapper = env
+    while isinstance(wrapper, gym.Wrapper):
+        if isinstance(wrapper, gym.wrappers.TimeLimit):
+            wrapper._max_episode_steps = max_episode_steps
+        wrapper = wrapper.env
     if goals == "fixed":
         env.reset(seed=seed)
         env.get_wrapper_attr("toggle_sample_tasks_on_reset")(False)

@@ -56,6 +56,7 @@ class Trainer:
         self.optimizers = builders.make_optimizers(config, self.loss)
         self.buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
         self.num_route_logits = num_route_logits(self.actor)
+        self.interleave_tasks = self.num_tasks if config.buffer.kind == "stratified" else None
         self.counters = checkpointing.Counters()
         components = {"loss": self.loss, "counters": self.counters, "replay_buffer": self.buffer}
         components.update({f"optim_{name}": opt for name, opt in self.optimizers.items()})
@@ -125,7 +126,7 @@ class Trainer:
             for data in collector:
                 if self.counters.frames >= total_frames:
                     break
-                self.buffer.extend(prepare_transitions(data, self.num_tasks, self.num_route_logits))
+                self.buffer.extend(prepare_transitions(data, self.num_route_logits, self.interleave_tasks))
                 self.counters.frames += data.numel()
                 self.counters.rounds += 1
                 started, losses = time.perf_counter(), None

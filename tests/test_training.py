@@ -1,0 +1,181 @@
+"""Training pipeline: recipe entry point, resume, collectors/buffers, config, README example."""
+import csv
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from d2r_torchrl.data.replay import TaskStratifiedSampler, make_replay_buffer, prepare_transitions
+from d2r_torchrl.modules.actor_critic import ROUTE_KEY
+from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError
+from d2r_torchrl.training.cli import main, parse
+from d2r_torchrl.training.config import ConfigError, apply_overrides, preset
+from d2r_torchrl.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "collector.steps_per_task=10",
+    "collector.warmup_rounds=1",
+    "collector.updates_per_round=2",
+    "collector.total_steps_per_task=30",
+    "env.max_episode_steps=10",
+    "buffer.batch_size_per_task=4",
+    "buffer.capacity=1000",
+    "eval.interval_rounds=3",
+    "eval.episodes_per_task=1",
+    "log.progress_bar=false",
+    "device=cpu",
+]
+TWO_TASKS = "env.benchmark=reach-v3,push-v3"
+
+
+def tiny_config(tmp_path, *extra, algorithm="d2r"):
+    config = preset(algorithm, "MT10")
+    return apply_overrides(config, [*TINY, f"log.root={tmp_path}", TWO_TASKS, *extra])
+
+
+def test_recipe_entry_point_writes_per_task_success(tmp_path):
+    code = main("d2r", "MT10", [*TINY, f"log.root={tmp_path}", "log.name=mt10"])
+    assert code == 0
+    run_dir = tmp_path / "mt10"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["env"]["benchmark"] == "MT10" and config["collector"]["updates_per_round"] == 2
+    success_files = sorted((run_dir / "scalars" / "eval" / "success").glob("*.csv"))
+    assert len(success_files) == 10
+    rows = list(csv.reader(success_files[0].open()))
+    assert rows and 0.0 <= float(rows[-1][-1]) <= 1.0
+    assert (run_dir / "scalars" / "eval" / "success_mean.csv").exists()
+
+
+def _stop_after(trainer: Trainer, updates: int) -> None:
+    update = trainer.update
+
+    def update_then_signal():
+        out = update()
+        if trainer.counters.updates == updates:
+            trainer._on_signal(signal.SIGINT, None)
+        return out
+
+    trainer.update = update_then_signal
+
+
+def test_stop_and_resume_continue_from_checkpoint(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "log.name=run", "collector.total_steps_per_task=60"))
+    _stop_after(trainer, 3)
+    trainer.train()
+    assert trainer.counters.updates == 3
+    saved_alpha = trainer.loss.log_alpha.detach().clone()
+    saved_params = trainer.loss.actor_network_params.clone()
+    resumed = Trainer.resume(tmp_path / "run")
+    assert resumed.counters.state_dict() == trainer.counters.state_dict()
+    torch.testing.assert_close(resumed.loss.log_alpha.detach(), saved_alpha)
+    assert (resumed.loss.actor_network_params == saved_params).all()
+    frames_before = resumed.counters.frames
+    resumed.train()
+    assert resumed.counters.frames == 60 * 2 and resumed.counters.frames > frames_before
+    assert resumed.counters.updates > 3
+
+
+def test_corrupt_checkpoint_raises_and_is_left_untouched(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "log.name=run"))
+    trainer.save()
+    checkpoint = tmp_path / "run" / CHECKPOINT_NAME
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(ResumeError, match="corrupt"):
+        Trainer.resume(tmp_path / "run")
+    assert checkpoint.read_bytes() == b"not a checkpoint"
+    with pytest.raises(ResumeError, match="config.json"):
+        Trainer.resume(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "collector,buffer",
+    [("sync", "stratified"), ("multi_sync", "prioritized"), ("multi_async", "uniform")],
+)
+def test_each_collector_and_buffer_runs_updates(tmp_path, collector, buffer):
+    config = tiny_config(
+        tmp_path, f"collector.kind={collector}", f"buffer.kind={buffer}", "eval.episodes_per_task=0"
+    )
+    trainer = Trainer(config)
+    trainer.train()
+    assert trainer.counters.updates >= 2
+    assert trainer.counters.frames >= 60
+
+
+def test_random_warmup_stores_no_behaviour_route(tmp_path):
+    trainer = Trainer(
+        tiny_config(
+            tmp_path,
+            "collector.warmup_policy=random",
+            "collector.total_steps_per_task=20",
+            "buffer.kind=uniform",
+            "eval.episodes_per_task=0",
+        )
+    )
+    trainer.train()
+    stored = trainer.buffer[:]
+    routes = stored[ROUTE_KEY]
+    assert routes.shape == (40, 136)
+    warmup, later = routes[:20], routes[20:]
+    assert not warmup.any(), "random warm-up transitions must carry an empty route"
+    assert (later.sum(-1) == 31).all(), "policy transitions carry a k-hot route (1 + 2 * 15 sources)"
+
+
+def test_prepare_transitions_interleaves_tasks_and_stratified_sampler_balances():
+    task_id = torch.arange(3).unsqueeze(1).expand(3, 4)
+    batch = TensorDict(
+        observation=torch.randn(3, 4, 39),
+        task_id=task_id,
+        action=torch.randn(3, 4, 2),
+        batch_size=[3, 4],
+    )
+    flat = prepare_transitions(batch, num_route_logits=6, num_tasks=3)
+    assert flat["task_id"].tolist() == [0, 1, 2] * 4
+    assert flat[ROUTE_KEY].shape == (12, 6) and not flat[ROUTE_KEY].any()
+    buffer = make_replay_buffer("stratified", capacity=30, batch_size=9, num_tasks=3)
+    buffer.extend(flat)
+    sample = buffer.sample()
+    assert torch.bincount(sample["task_id"], minlength=3).tolist() == [3, 3, 3]
+    assert isinstance(buffer._sampler, TaskStratifiedSampler)
+    with pytest.raises(ValueError, match="unequal"):
+        prepare_transitions(batch[:, :3].reshape(-1)[:-1], num_tasks=3)
+
+
+def test_config_errors_and_help(capsys):
+    with pytest.raises(ConfigError, match="Unknown config key 'loss.gama'"):
+        parse("d2r", "MT10", ["loss.gama=0.9"])
+    with pytest.raises(ConfigError, match="accepted"):
+        parse("d2r", "MT10", ["buffer.kind=fancy"])
+    with pytest.raises(ConfigError, match="expected float"):
+        parse("d2r", "MT10", ["loss.gamma=abc"])
+    with pytest.raises(ConfigError, match="env.benchmark"):
+        parse("d2r", "MT10", ["env.benchmark=MT7"])
+    config, _ = parse("d2r", "MT10", ["loss.max_log_alpha=none", "env.goals=random"])
+    assert config.loss.max_log_alpha is None and config.env.goals == "random"
+    assert main("d2r", "MT10", ["collector.steps_per_task=0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("d2r", "MT10", ["--help"])
+    assert "buffer.kind = 'prioritized'" in capsys.readouterr().out
+
+
+def test_presets_follow_reference_values():
+    mt10, mt50 = preset("d2r", "MT10"), preset("d2r", "MT50")
+    assert (mt10.buffer.capacity, mt50.buffer.capacity) == (1_000_000, 10_000_000)
+    assert (mt10.collector.total_steps_per_task, mt50.collector.total_steps_per_task) == (1_500_000, 1_000_000)
+    assert mt10.buffer.batch_size_per_task * 10 == 1280 and mt50.buffer.batch_size_per_task * 50 == 6400
+    assert not preset("mt_sac", "MT10").loss.loss_balancing and preset("soft_modular", "MT50").network.soft_modular_preset == "deep"
+
+
+def test_readme_example_runs(tmp_path):
+    code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
