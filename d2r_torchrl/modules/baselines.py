@@ -79,6 +79,7 @@ class SoftModularNetwork(nn.Module):
                 f"got {num_layers} and {num_modules}."
             )
         self.in_features = in_features
+        self.num_tasks = num_tasks
         self.num_layers = num_layers
         self.num_modules = num_modules
         embed_width = encoder_widths[-1]

@@ -17,10 +17,7 @@ from d2r_torchrl.modules.actor_critic import num_route_logits
 from d2r_torchrl.training import builders, checkpointing
 from d2r_torchrl.training.config import RunConfig, validate
 from d2r_torchrl.training.evaluation import evaluate
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
+from d2r_torchrl.training.update import NonFiniteLossError, sac_update
 
 
 def make_logger(config: RunConfig, run_dir: Path) -> Logger:
@@ -88,30 +85,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ updates
     def update(self) -> TensorDictBase:
-        """One gradient step of every network, target update and temperature refresh."""
+        """Sample a batch and run :func:`sac_update` on it."""
         batch = self.buffer.sample().to(self.device)
-        losses = self.loss(batch)
-        total = losses["loss_actor"] + losses["loss_qvalue"] + losses["loss_alpha"]
-        if not torch.isfinite(total):
+        try:
+            losses = sac_update(self.loss, self.optimizers, self.target_updater, batch, self.config.loss.grad_clip_norm)
+        except NonFiniteLossError as error:
             raise NonFiniteLossError(
-                f"Non-finite loss at update {self.counters.updates}: "
-                f"{ {k: float(losses[k]) for k in ('loss_actor', 'loss_qvalue', 'loss_alpha')} }. "
-                f"The last good checkpoint in {self.run_dir} is kept."
-            )
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        clip = self.config.loss.grad_clip_norm
-        for optimizer in self.optimizers.values():
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], clip)
-            optimizer.step()
-        self.target_updater.step()
-        self.loss.after_update()
+                f"{error} At update {self.counters.updates}; the last good checkpoint in {self.run_dir} is kept."
+            ) from None
         if self.config.buffer.kind == "prioritized":
             self.buffer.update_tensordict_priority(batch)
         self.counters.updates += 1
-        return losses.detach()
+        return losses
 
     # --------------------------------------------------------------------- loop
     def train(self) -> dict[str, float]:
