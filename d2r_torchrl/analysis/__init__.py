@@ -1,0 +1,4 @@
+"""Routing statistics and plots of trained D2R runs (``python -m d2r_torchrl.analysis RUN_DIR``)."""
+from d2r_torchrl.analysis.statistics import RoutingStatistics, routing_statistics, summarise_routes
+
+__all__ = ["RoutingStatistics", "routing_statistics", "summarise_routes"]

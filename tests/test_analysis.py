@@ -1,0 +1,72 @@
+"""Routing statistics on hand-made routes and a network whose routes are forced."""
+import torch
+
+from d2r_torchrl.analysis import routing_statistics, summarise_routes
+from d2r_torchrl.analysis.__main__ import main as analysis_main
+from d2r_torchrl.modules.d2r import D2RNetwork
+from d2r_torchrl.modules.routing import GateLayout, route_depth
+from d2r_torchrl.training.config import apply_overrides, preset
+from d2r_torchrl.training.trainer import Trainer
+
+
+def route(edges: dict[int, list[int]], num_modules: int = 4) -> torch.Tensor:
+    """``[N, N]`` bool route from ``{gate: [sources]}`` (0-based)."""
+    selected = torch.zeros(num_modules, num_modules, dtype=torch.bool)
+    for gate, sources in edges.items():
+        selected[gate, sources] = True
+    return selected
+
+
+CHAIN = route({0: [0], 1: [1], 2: [2], 3: [3]})  # 1 -> 2 -> 3 -> 4 -> out: depth 4
+SHORT = route({0: [0], 1: [0], 2: [0], 3: [0]})  # out reads module 1: depth 1
+SKIP = route({0: [0], 1: [0], 2: [1, 2], 3: [0, 3]})  # 1 -> 2 -> 4 (or 1 -> 3 -> 4) -> out: depth 3
+
+
+def test_route_depth_hand_made():
+    assert route_depth(torch.stack([CHAIN, SHORT, SKIP])).tolist() == [4, 1, 3]
+
+
+def test_summarise_routes_per_task():
+    stats = summarise_routes(torch.stack([CHAIN, SHORT, SKIP]), torch.tensor([0, 0, 1]), num_tasks=3)
+    assert stats.mean_depth[:2].tolist() == [2.5, 3.0]
+    assert stats.samples.tolist() == [2.0, 1.0, 0.0]
+    torch.testing.assert_close(stats.edge_frequency[0], (CHAIN.float() + SHORT.float()) / 2)
+    torch.testing.assert_close(stats.edge_frequency[1], SKIP.float())
+
+
+def test_routing_statistics_on_network_with_forced_routes():
+    torch.manual_seed(0)
+    net = D2RNetwork(6, 2, 2, num_modules=4, module_width=8, top_k=1, encoder_widths=(8,), router_widths=(8,))
+    layout = GateLayout(4, 1)
+    wanted = layout.pad(torch.zeros(10), fill=0.0).masked_fill(CHAIN, 5.0)
+    with torch.no_grad():
+        net.router[-1].weight.zero_()
+        net.router[-1].bias.copy_(layout.flatten(wanted))
+    stats = routing_statistics(net, torch.randn(12, 6), torch.arange(12) % 2)
+    assert stats.mean_depth.tolist() == [4.0, 4.0]
+    torch.testing.assert_close(stats.edge_frequency, CHAIN.float().expand(2, 4, 4))
+
+
+def test_analysis_cli_writes_pictures(tmp_path):
+    config = apply_overrides(
+        preset("d2r", "MT10"),
+        [
+            "env.benchmark=reach-v3,push-v3",
+            "env.max_episode_steps=10",
+            "collector.steps_per_task=10",
+            "collector.warmup_rounds=1",
+            "collector.updates_per_round=2",
+            "collector.total_steps_per_task=30",
+            "buffer.batch_size_per_task=4",
+            "eval.episodes_per_task=0",
+            "log.checkpoint_interval_rounds=3",
+            "log.progress_bar=false",
+            f"log.root={tmp_path}",
+            "log.name=run",
+        ],
+    )
+    Trainer(config).train()
+    assert analysis_main([str(tmp_path / "run")]) == 0
+    written = sorted(p.name for p in (tmp_path / "run" / "analysis").glob("*.png"))
+    assert written == ["depth.png", "routes.png", "temperatures.png"]
+    assert analysis_main([str(tmp_path / "missing")]) == 2
