@@ -1,0 +1,141 @@
+"""Learning benchmark on MT10: D2R vs Soft Modularization vs MT-SAC, same budget and seeds.
+
+    python benchmarks/learning_mt10.py --preset cpu --seeds 0 1      # about an hour on 2 CPU cores
+    python benchmarks/learning_mt10.py --preset gpu --seeds 0 1 2    # the reference budget (GPU)
+
+Each (method, seed) is a normal training run under ``--out``; afterwards the evaluation
+logs are read back and ``learning_curves.png`` (mean success vs env frames, shaded
+min-max over seeds), ``per_task.png`` and ``summary.md`` (final success table) are written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
+from d2r_torchrl.training.builders import task_names  # noqa: E402
+from d2r_torchrl.training.config import apply_overrides, preset  # noqa: E402
+from d2r_torchrl.training.trainer import Trainer  # noqa: E402
+
+METHODS = ("d2r", "soft_modular", "mt_sac")
+PRESETS = {
+    "cpu": [
+        "env.max_episode_steps=200",
+        "collector.steps_per_task=100",
+        "collector.updates_per_round=50",
+        "collector.warmup_rounds=5",
+        "collector.total_steps_per_task=6000",
+        "buffer.batch_size_per_task=64",
+        "buffer.capacity=100000",
+        "eval.interval_rounds=10",
+        "eval.episodes_per_task=4",
+        "log.checkpoint_interval_rounds=1000",
+    ],
+    "gpu": ["eval.episodes_per_task=32"],
+}
+
+
+def run_all(out: Path, methods: list[str], seeds: list[int], overrides: list[str]) -> None:
+    for method in methods:
+        for seed in seeds:
+            run_dir = out / f"{method}_seed{seed}"
+            if (run_dir / "scalars" / "eval" / "success_mean.csv").exists() and (run_dir / "done").exists():
+                continue
+            config = apply_overrides(
+                preset(method, "MT10"), [*overrides, f"seed={seed}", f"log.root={out}", f"log.name={run_dir.name}"]
+            )
+            Trainer(config).train()
+            (run_dir / "done").write_text("ok")
+
+
+def final_success(run_dir: Path, name: str) -> float:
+    return read_scalar_csv(run_dir / "scalars" / "eval" / name)[1][-1]
+
+
+def summarise(out: Path, methods: list[str], seeds: list[int]) -> dict:
+    tasks = task_names(preset("d2r", "MT10"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    summary: dict = {}
+    for method in methods:
+        runs = [out / f"{method}_seed{seed}" for seed in seeds]
+        curves = [read_scalar_csv(run / "scalars" / "eval" / "success_mean.csv") for run in runs]
+        length = min(len(values) for _, values in curves)
+        steps = curves[0][0][:length]
+        columns = list(zip(*[values[:length] for _, values in curves]))
+        mean = [statistics.fmean(column) for column in columns]
+        ax.plot(steps, mean, label=method)
+        ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2)
+        finals = [final_success(run, "success_mean.csv") for run in runs]
+        per_task = {
+            task: statistics.fmean(final_success(run, f"success/{task}.csv") for run in runs) for task in tasks
+        }
+        summary[method] = {
+            "final_mean": statistics.fmean(finals),
+            "final_std": statistics.pstdev(finals),
+            "per_seed": finals,
+            "per_task": per_task,
+            "frames": steps[-1],
+        }
+    ax.set(xlabel="env frames (all tasks)", ylabel="mean success rate", title="Meta-World MT10")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=120)
+    plt.close(fig)
+    _plot_per_task(out, summary, tasks)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(_table(summary, tasks, seeds))
+    return summary
+
+
+def _plot_per_task(out: Path, summary: dict, tasks: tuple[str, ...]) -> None:
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(summary)
+    for i, (method, result) in enumerate(summary.items()):
+        ax.bar([t + i * width for t in range(len(tasks))], [result["per_task"][t] for t in tasks], width, label=method)
+    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=60, fontsize=7)
+    ax.set(ylabel="final success rate", ylim=(0, 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "per_task.png", dpi=120)
+    plt.close(fig)
+
+
+def _table(summary: dict, tasks: tuple[str, ...], seeds: list[int]) -> str:
+    lines = [
+        f"| method | final mean success (seeds {seeds}) | per seed |",
+        "|---|---|---|",
+        *[
+            f"| {m} | {r['final_mean']:.3f} ± {r['final_std']:.3f} | {', '.join(f'{v:.2f}' for v in r['per_seed'])} |"
+            for m, r in summary.items()
+        ],
+        "",
+        "| task | " + " | ".join(summary) + " |",
+        "|---|" + "---|" * len(summary),
+        *[f"| {t} | " + " | ".join(f"{r['per_task'][t]:.2f}" for r in summary.values()) + " |" for t in tasks],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/learning"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every run")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_all(args.out, args.methods, args.seeds, [*PRESETS[args.preset], *args.overrides])
+    summarise(args.out, args.methods, args.seeds)
+    print((args.out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

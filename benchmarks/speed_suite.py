@@ -1,0 +1,96 @@
+"""All speed figures in one run: env throughput, ms per update, end-to-end training, memory.
+
+    python benchmarks/speed_suite.py [--quick] [--out benchmarks/out/speed]
+
+Each part runs in its own process (so its peak resident memory is measured alone) on the
+current machine, CPU or CUDA as ``device=auto`` picks; results go to ``speed.json`` and a
+markdown table ``speed.md``. Ratios are the headline: this machine's absolute times vary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RECIPE = HERE.parent / "recipes" / "d2r_mt10.py"
+
+
+def run_part(command: list[str]) -> tuple[float, float]:
+    """Run ``command``; return ``(wall seconds, peak resident MiB of that process)``.
+
+    The peak is the child's own ``ru_maxrss`` (worker processes it spawns are not counted).
+    """
+    start = time.perf_counter()
+    child = subprocess.Popen(command)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), command)
+    return wall, usage.ru_maxrss / 1024
+
+
+def end_to_end(out: Path, rounds: int, updates: int) -> dict:
+    """The MT10 recipe for ``rounds`` rounds of 200 steps per task and ``updates`` updates each."""
+    overrides = [
+        f"collector.total_steps_per_task={200 * rounds}",
+        "collector.warmup_rounds=1",
+        f"collector.updates_per_round={updates}",
+        "eval.episodes_per_task=0",
+        "log.progress_bar=false",
+        f"log.root={out}",
+        "log.name=end_to_end",
+    ]
+    wall, peak = run_part([sys.executable, str(RECIPE), *overrides])
+    frames = 200 * rounds * 10
+    return {"frames": frames, "updates": (rounds - 1) * updates, "seconds": wall, "frames_per_s": frames / wall, "peak_mib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer frames and repeats (a smoke run)")
+    parser.add_argument("--out", type=Path, default=HERE / "out" / "speed")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    env_json, update_json = args.out / "env.json", args.out / "update.json"
+    frames, repeats, rounds = ("2000", "2", 2) if args.quick else ("10000", "5", 4)
+    env_wall, env_peak = run_part([sys.executable, str(HERE / "bench_env.py"), "--frames", frames, "--json", str(env_json)])
+    upd_wall, upd_peak = run_part(
+        [sys.executable, str(HERE / "bench_update.py"), "--repeats", repeats, "--json", str(update_json)]
+    )
+    results = {
+        "env": json.loads(env_json.read_text()),
+        "update": json.loads(update_json.read_text()),
+        "end_to_end_mt10": end_to_end(args.out, rounds, 50),
+        "peak_mib": {"env_benchmark": env_peak, "update_benchmark": upd_peak},
+    }
+    (args.out / "speed.json").write_text(json.dumps(results, indent=2))
+    (args.out / "speed.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    lines = ["| env path | frames/s | x raw |", "|---|---|---|"]
+    env = results["env"]
+    raw = env["fps"]["raw"]
+    lines += [f"| {name} | {fps:.0f} | {fps / raw:.2f} |" for name, fps in env["fps"].items()]
+    lines += ["", f"| size | architecture | ms/update | x MT-SAC | ({results['update']['device']}) |", "|---|---|---|---|---|"]
+    for size, times in results["update"]["ms_per_update"].items():
+        lines += [f"| {size} | {arch} | {ms:.0f} | {ms / times['mt_sac']:.2f} | |" for arch, ms in times.items()]
+    e2e = results["end_to_end_mt10"]
+    lines += [
+        "",
+        f"End-to-end MT10 D2R recipe: {e2e['frames']} frames and {e2e['updates']} updates in {e2e['seconds']:.0f} s "
+        f"({e2e['frames_per_s']:.0f} frames/s, set-up included), peak {e2e['peak_mib']:.0f} MiB.",
+        f"Peak memory: env benchmark {results['peak_mib']['env_benchmark']:.0f} MiB, "
+        f"update benchmark {results['peak_mib']['update_benchmark']:.0f} MiB.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
