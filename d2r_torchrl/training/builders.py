@@ -115,7 +115,8 @@ def make_collector(
         frames_per_batch=frames_per_batch,
         total_frames=config.collector.total_steps_per_task * len(tasks) - frames_done,
         init_random_frames=warmup_frames if random_warmup else None,
-        device=device,
+        policy_device=device,
+        env_device="cpu",
         storing_device="cpu",
         auto_register_policy_transforms=False,
     )

@@ -114,22 +114,22 @@ class Trainer:
                 self.buffer.extend(prepare_transitions(data, self.num_route_logits, self.interleave_tasks))
                 self.counters.frames += data.numel()
                 self.counters.rounds += 1
-                started, losses = time.perf_counter(), None
+                started, losses, done = time.perf_counter(), None, 0
                 if self.counters.rounds > cfg.collector.warmup_rounds:
-                    for _ in range(cfg.collector.updates_per_round):
+                    for done in range(1, cfg.collector.updates_per_round + 1):
                         losses = self.update()
                         if self._stop_signal is not None:
                             break
                     collector.update_policy_weights_()
-                rate = cfg.collector.updates_per_round / max(time.perf_counter() - started, 1e-9)
                 if losses is not None:
                     self._log_losses(losses)
+                    rate = done / (time.perf_counter() - started)
+                    bar.set_postfix(updates_per_s=f"{rate:.1f}", success=summary.get("success", float("nan")))
                 if self.counters.rounds % cfg.eval.interval_rounds == 0 and cfg.eval.episodes_per_task:
                     summary["success"] = self.evaluate()
                 if self.counters.rounds % cfg.log.checkpoint_interval_rounds == 0:
                     self.save()
                 bar.update(data.numel())
-                bar.set_postfix(updates_per_s=f"{rate:.1f}", success=summary.get("success", float("nan")))
                 if self._stop_signal is not None:
                     self.save()
                     break
