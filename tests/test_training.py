@@ -17,6 +17,7 @@ from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError
 from d2r_torchrl.training.cli import main, parse
 from d2r_torchrl.training.config import ConfigError, apply_overrides, preset
 from d2r_torchrl.training.trainer import Trainer
+from d2r_torchrl.training.update import NonFiniteLossError, clip_grad_norm_stacked_
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -179,3 +180,39 @@ def test_readme_example_runs(tmp_path):
     script.write_text(code)
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_stacked_critics_are_clipped_one_by_one():
+    weight = torch.zeros(2, 3, requires_grad=True)
+    bias = torch.zeros(2, 1, requires_grad=True)
+    weight.grad = torch.tensor([[2.0, 2.0, 0.0], [0.3, 0.0, 0.0]])
+    bias.grad = torch.tensor([[1.0], [0.4]])  # network norms: 3 and 0.5
+    norms = clip_grad_norm_stacked_([weight, bias], max_norm=1.0)
+    torch.testing.assert_close(norms, torch.tensor([3.0, 0.5]))
+    torch.testing.assert_close(weight.grad[0], torch.tensor([2.0, 2.0, 0.0]) / 3, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(weight.grad[1], torch.tensor([0.3, 0.0, 0.0]))
+    torch.testing.assert_close(bias.grad[:, 0], torch.tensor([1.0 / 3, 0.4]), atol=1e-6, rtol=1e-5)
+
+
+def test_non_finite_loss_stops_before_any_change(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "buffer.kind=uniform"))
+    trainer.buffer.extend(_transitions_with_nan_reward(trainer))
+    before = trainer.loss.actor_network_params.clone()
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+        trainer.update()
+    assert (trainer.loss.actor_network_params == before).all()
+
+
+def _transitions_with_nan_reward(trainer: Trainer) -> TensorDict:
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        data = trainer.eval_env.rollout(3, trainer.actor)
+    data["next", "reward"] = torch.full_like(data["next", "reward"], float("nan"))
+    return prepare_transitions(data, trainer.num_route_logits)
+
+
+def test_new_run_refuses_to_overwrite_existing_run(tmp_path):
+    Trainer(tiny_config(tmp_path, "log.name=run")).save()
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(tiny_config(tmp_path, "log.name=run"))

@@ -152,6 +152,7 @@ class MultiTaskSACLoss(SACLoss):
         return task_id
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        original = tensordict
         if tensordict.ndim != 1:
             tensordict = tensordict.reshape(-1)
         task_id = self._task_ids(tensordict)
@@ -182,7 +183,8 @@ class MultiTaskSACLoss(SACLoss):
             keep = present & (task_loss <= self.extreme_loss_threshold)
         scale = keep.float() / present.sum().clamp(min=1)
 
-        tensordict.set(self.tensor_keys.priority, (q_pred - target).abs().max(0).values.detach())
+        td_error = (q_pred - target).abs().max(0).values.detach()
+        original.set(self.tensor_keys.priority, td_error.reshape(original.shape))
         out = {
             "loss_actor": (scale * actor_t).sum(),
             "loss_qvalue": (scale * critic_t).sum(),

@@ -45,6 +45,12 @@ def env_factory(config: RunConfig, tasks: tuple[str, ...], *, first_task_id: int
     )
 
 
+def eval_seed_offset(config: RunConfig) -> int:
+    """Evaluation envs keep the training goals when goals are fixed (the goal is drawn from
+    the seed); with random goals they use other seeds than the collector."""
+    return 0 if config.env.goals == "fixed" else 10_000
+
+
 def network_kwargs(config: RunConfig) -> dict:
     net = config.network
     if net.architecture == "d2r":
@@ -81,9 +87,13 @@ def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTa
 
 def make_optimizers(config: RunConfig, loss: MultiTaskSACLoss) -> dict[str, torch.optim.Optimizer]:
     """One Adam per network (actor, critics, temperatures), as the reference."""
+
+    def trainable(params) -> list[torch.Tensor]:
+        return [p for p in params.values(True, True) if p.requires_grad]
+
     return {
-        "actor": torch.optim.Adam(loss.actor_network_params.values(True, True), lr=config.loss.actor_lr),
-        "critic": torch.optim.Adam(loss.qvalue_network_params.values(True, True), lr=config.loss.critic_lr),
+        "actor": torch.optim.Adam(trainable(loss.actor_network_params), lr=config.loss.actor_lr),
+        "critic": torch.optim.Adam(trainable(loss.qvalue_network_params), lr=config.loss.critic_lr),
         "alpha": torch.optim.Adam([loss.log_alpha], lr=config.loss.alpha_lr),
     }
 
@@ -109,6 +119,8 @@ def make_collector(
     step a contiguous slice of the tasks (ids kept global). ``frames_done`` frames of
     the budget (and of a random warm-up) are already spent when resuming."""
     frames_per_batch = config.collector.steps_per_task * len(tasks)
+    # With random goals a resumed run must not replay its first resets; fixed goals come from the seed.
+    seed_offset = 0 if config.env.goals == "fixed" else frames_done // frames_per_batch
     warmup_frames = config.collector.warmup_rounds * frames_per_batch - frames_done
     random_warmup = config.collector.warmup_policy == "random" and warmup_frames > 0
     common = dict(
@@ -121,11 +133,12 @@ def make_collector(
         auto_register_policy_transforms=False,
     )
     if config.collector.kind == "sync":
-        return Collector(env_factory(config, tasks), policy, **common)
+        return Collector(env_factory(config, tasks, seed_offset=seed_offset), policy, **common)
     workers = min(config.collector.num_workers, len(tasks))
     bounds = [round(i * len(tasks) / workers) for i in range(workers + 1)]
     factories = [
-        env_factory(config, tasks[lo:hi], first_task_id=lo) for lo, hi in zip(bounds[:-1], bounds[1:])
+        env_factory(config, tasks[lo:hi], first_task_id=lo, seed_offset=seed_offset)
+        for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
     cls = MultiSyncCollector if config.collector.kind == "multi_sync" else MultiAsyncCollector
     common["frames_per_batch"] = frames_per_batch if cls is MultiSyncCollector else frames_per_batch // workers

@@ -216,7 +216,7 @@ def validate(config: RunConfig) -> RunConfig:
     from d2r_torchrl.envs.metaworld import EXECUTION_MODES, GOAL_MODES, REWARD_VERSIONS, resolve_tasks
 
     try:
-        resolve_tasks(config.env.benchmark.split(",") if "," in config.env.benchmark else config.env.benchmark)
+        tasks = resolve_tasks(config.env.benchmark.split(",") if "," in config.env.benchmark else config.env.benchmark)
     except ValueError as error:
         raise ConfigError(f"env.benchmark: {error}") from None
     _choice("device", config.device.split(":")[0], ("auto", "cpu", "cuda"))
@@ -263,6 +263,12 @@ def validate(config: RunConfig) -> RunConfig:
     _require(
         0 < config.loss.target_update_tau <= 1,
         f"loss.target_update_tau must be in (0, 1], got {config.loss.target_update_tau}.",
+    )
+    workers = min(config.collector.num_workers, len(tasks))
+    _require(
+        config.collector.kind == "sync" or len(tasks) % workers == 0,
+        f"collector.num_workers={config.collector.num_workers} must divide the {len(tasks)} tasks "
+        "(each worker steps an equal slice of them).",
     )
     _require(
         not (config.buffer.kind == "stratified" and config.collector.kind == "multi_async"),

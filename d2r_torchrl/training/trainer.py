@@ -15,7 +15,7 @@ from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger, WandbLo
 from d2r_torchrl.data.replay import prepare_transitions
 from d2r_torchrl.modules.actor_critic import num_route_logits
 from d2r_torchrl.training import builders, checkpointing
-from d2r_torchrl.training.config import RunConfig, validate
+from d2r_torchrl.training.config import ConfigError, RunConfig, validate
 from d2r_torchrl.training.evaluation import evaluate
 from d2r_torchrl.training.update import NonFiniteLossError, sac_update
 
@@ -27,6 +27,11 @@ def make_logger(config: RunConfig, run_dir: Path) -> Logger:
     if config.log.backend == "wandb":
         return WandbLogger(name, save_dir=str(run_dir), config=config.to_dict())
     return CSVLogger(name, log_dir=str(run_dir.parent))
+
+
+def _crossed(before: int, after: int, interval: int) -> bool:
+    """True when a multiple of ``interval`` lies in ``(before, after]``."""
+    return after // interval > before // interval
 
 
 class Trainer:
@@ -46,7 +51,7 @@ class Trainer:
         self.num_tasks = len(self.tasks)
         self.run_dir = run_dir or self._new_run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.eval_env = builders.env_factory(config, self.tasks, seed_offset=10_000)()
+        self.eval_env = builders.env_factory(config, self.tasks, seed_offset=builders.eval_seed_offset(config))()
         actor, critic = builders.make_actor_critic(config, self.eval_env, self.num_tasks)
         self.actor = actor.to(self.device)
         self.loss, self.target_updater = builders.make_loss(config, self.actor, critic.to(self.device), self.num_tasks)
@@ -60,12 +65,18 @@ class Trainer:
         self.checkpoint = checkpointing.make_checkpoint(components, config.buffer.in_checkpoint)
         self.logger = make_logger(config, self.run_dir)
         self._stop_signal: int | None = None
+        self._update_rate = 0.0
         (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     def _new_run_dir(self) -> Path:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         name = self.config.log.name or f"{self.config.network.architecture}_{self.config.env.benchmark}_{stamp}"
-        return Path(self.config.log.root) / name
+        run_dir = Path(self.config.log.root) / name
+        if (run_dir / checkpointing.CHECKPOINT_NAME).exists():
+            raise ConfigError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another log.name."
+            )
+        return run_dir
 
     @classmethod
     def resume(cls, run_dir: str | Path) -> "Trainer":
@@ -100,37 +111,40 @@ class Trainer:
 
     # --------------------------------------------------------------------- loop
     def train(self) -> dict[str, float]:
-        """Run until the frame budget is spent or a stop signal arrives."""
+        """Run until the frame budget is spent or a stop signal arrives.
+
+        Rounds are counted in frames (``steps_per_task * T`` per round), so a collector
+        that yields part of a round (``multi_async``) gets its share of the updates.
+        Updates start once the buffer holds the warm-up frames (also after resuming
+        without a saved buffer). SIGINT/SIGTERM finish the current update, save a
+        checkpoint and return; worker processes ignore SIGINT so that they survive it.
+        """
         cfg = self.config
+        frames_per_round = cfg.collector.steps_per_task * self.num_tasks
         total_frames = cfg.collector.total_steps_per_task * self.num_tasks
+        warmup_frames = max(cfg.collector.warmup_rounds * frames_per_round, self.num_tasks)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         collector = builders.make_collector(cfg, self.tasks, self.actor, self.device, self.counters.frames)
+        for sig in previous:
+            signal.signal(sig, self._on_signal)
         bar = tqdm.tqdm(total=total_frames, initial=self.counters.frames, unit="frame", disable=not cfg.log.progress_bar)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         summary: dict[str, float] = {}
         try:
             for data in collector:
-                if self.counters.frames >= total_frames:
-                    break
                 self.buffer.extend(prepare_transitions(data, self.num_route_logits, self.interleave_tasks))
+                rounds_before = self.counters.rounds
                 self.counters.frames += data.numel()
-                self.counters.rounds += 1
-                started, losses, done = time.perf_counter(), None, 0
-                if self.counters.rounds > cfg.collector.warmup_rounds:
-                    for done in range(1, cfg.collector.updates_per_round + 1):
-                        losses = self.update()
-                        if self._stop_signal is not None:
-                            break
+                self.counters.rounds = self.counters.frames // frames_per_round
+                if len(self.buffer) >= warmup_frames:
+                    self._update_round(round(cfg.collector.updates_per_round * data.numel() / frames_per_round))
                     collector.update_policy_weights_()
-                if losses is not None:
-                    self._log_losses(losses)
-                    rate = done / (time.perf_counter() - started)
-                    bar.set_postfix(updates_per_s=f"{rate:.1f}", success=summary.get("success", float("nan")))
-                if self.counters.rounds % cfg.eval.interval_rounds == 0 and cfg.eval.episodes_per_task:
+                    bar.set_postfix(updates_per_s=f"{self._update_rate:.1f}", success=summary.get("success", float("nan")))
+                if _crossed(rounds_before, self.counters.rounds, cfg.eval.interval_rounds) and cfg.eval.episodes_per_task:
                     summary["success"] = self.evaluate()
-                if self.counters.rounds % cfg.log.checkpoint_interval_rounds == 0:
+                if _crossed(rounds_before, self.counters.rounds, cfg.log.checkpoint_interval_rounds):
                     self.save()
                 bar.update(data.numel())
-                if self._stop_signal is not None:
+                if self._stop_signal is not None or self.counters.frames >= total_frames:
                     self.save()
                     break
         finally:
@@ -139,6 +153,16 @@ class Trainer:
             collector.shutdown()
             bar.close()
         return summary
+
+    def _update_round(self, updates: int) -> None:
+        started, losses = time.perf_counter(), None
+        for done in range(1, updates + 1):
+            losses = self.update()
+            if self._stop_signal is not None:
+                break
+        if losses is not None:
+            self._update_rate = done / (time.perf_counter() - started)
+            self._log_losses(losses)
 
     def _on_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum
