@@ -111,7 +111,8 @@ def load_reference_state_dict(
     if unexpected:
         raise ValueError(
             f"Reference state dict has unexpected key(s) {unexpected} for a network of "
-            f"{network.num_modules} modules, {encoder_layers} encoder and {gate_layers} router layers."
+            f"{network.num_modules} modules, {encoder_layers} encoder and {gate_layers} router "
+            "layers."
         )
     converted = {}
     for old, new in renames.items():
