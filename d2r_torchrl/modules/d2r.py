@@ -225,7 +225,10 @@ class _ModuleChain(torch.autograd.Function):
         send(num_modules - 1, torch.zeros_like(grad_mixed), grad_mixed)
         for gate in reversed(range(num_modules - 1)):
             grad_pre = torch.ops.aten.threshold_backward(grad_own[gate + 1], activations[gate], 0)
-            grad_params += [grad_pre.sum(0), grad_pre.t() @ inputs[gate]]  # bias, weight
+            if ctx.needs_input_grad[4]:  # skipped when the parameters are detached
+                grad_params += [grad_pre.sum(0), grad_pre.t() @ inputs[gate]]  # bias, weight
+            else:
+                grad_params += [None, None]
             send(gate, grad_shortcut[gate + 1], grad_pre @ params[2 * gate])
         return (
             grad_own[0],

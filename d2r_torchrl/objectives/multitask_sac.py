@@ -75,6 +75,9 @@ class MultiTaskSACLoss(SACLoss):
         extreme_loss_threshold: drop tasks whose loss exceeds it (``None`` keeps all).
         time_limit_terminal: treat ``done`` (time limits included) as terminal, as the
             reference code did; by default only ``terminated`` stops bootstrapping.
+        deactivate_vmap: run the twin critics one after the other instead of under
+            ``torch.vmap``. ``None`` picks it for D2R critics, whose batched backward
+            (data-dependent ``index_add_``) is much slower under vmap.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class MultiTaskSACLoss(SACLoss):
         extreme_loss_threshold: float | None = 3000.0,
         time_limit_terminal: bool = False,
         action_spec=None,
+        deactivate_vmap: bool | None = None,
     ) -> None:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
@@ -102,6 +106,7 @@ class MultiTaskSACLoss(SACLoss):
             alpha_init=alpha_init,
             action_spec=action_spec,
             delay_qvalue=True,
+            deactivate_vmap=is_routed(qvalue_network) if deactivate_vmap is None else deactivate_vmap,
         )
         del self.log_alpha
         self.log_alpha = nn.Parameter(torch.full((num_tasks,), math.log(alpha_init), device=self.device))
