@@ -11,7 +11,7 @@ import torch
 from metaworld.policies import ENV_POLICY_MAP
 from tensordict import TensorDict
 from torchrl.envs import EnvBase
-from torchrl.envs.utils import check_env_specs
+from torchrl.envs.utils import check_env_specs, step_mdp
 
 from d2r_torchrl.envs import make_env, resolve_tasks
 from d2r_torchrl.envs.metaworld import EpisodeSuccessTransform
@@ -180,6 +180,42 @@ def test_episode_success_real_env(make: Callable[..., EnvBase]) -> None:
     assert all(episode_success[on:EPISODE]) and not any(episode_success[EPISODE : EPISODE + on])
 
 
+def test_episode_success_partial_reset(make: Callable[..., EnvBase]) -> None:
+    """A reset of some sub-envs only (``"_reset"``) restarts their episodes and leaves the
+    others' ``episode_success``, ``step_count`` and observation as they were."""
+    env = make(TASKS, goals="fixed", seed=SEED, max_episode_steps=EPISODE)
+    first = env.reset()
+    td = first.clone()
+    for t in range(AWAY_FROM - 1):  # reach-v3 (sub-env 1) succeeds from step 39, push-v3 not
+        actions = [scripted_action(name, o.numpy(), t) for name, o in zip(TASKS, td["observation"])]
+        td["action"] = torch.from_numpy(np.stack(actions))
+        td = step_mdp(env.step(td))
+    steps = AWAY_FROM - 1
+    assert td["episode_success"].squeeze(-1).tolist() == [False, True]
+
+    def reset(td: TensorDict, which: int) -> TensorDict:
+        before = td.clone()
+        td["_reset"] = torch.arange(len(TASKS))[:, None] == which
+        after = env.reset(td)
+        kept = 1 - which
+        for key in ("observation", "episode_success", "step_count", "task_id"):
+            assert torch.equal(after[key][kept], before[key][kept]), key
+        torch.testing.assert_close(after["observation"][which], first["observation"][which], rtol=0, atol=0)
+        assert after["step_count"][which].item() == 0 and not after["episode_success"][which].item()
+        return after
+
+    def stay(td: TensorDict) -> TensorDict:
+        td["action"] = torch.zeros(len(TASKS), 4)
+        return step_mdp(env.step(td))
+
+    td = stay(reset(td, which=0))  # push-v3 restarts; reach-v3's episode goes on, still on its goal
+    assert td["step_count"].squeeze(-1).tolist() == [1, steps + 1]
+    assert td["success"].squeeze(-1).tolist() == td["episode_success"].squeeze(-1).tolist() == [False, True]
+    td = stay(reset(td, which=1))  # reach-v3 restarts, away from its goal: episode_success cleared
+    assert td["step_count"].squeeze(-1).tolist() == [2, 1]
+    assert not td["episode_success"].any()
+
+
 def test_episode_success_transform() -> None:
     """Hand-made tensordicts, batch of 2 sub-envs, through the transform's reset/step."""
     transform = EpisodeSuccessTransform()
@@ -200,15 +236,30 @@ def test_episode_success_transform() -> None:
     ]:
         td = step(td, success)
         assert td["episode_success"].squeeze(-1).tolist() == expected
-    td = transform._reset(td, TensorDict({}, batch_size=[2]))
+    td["_reset"] = torch.tensor([[False], [True]])
+    partial = transform._reset(td, TensorDict({}, batch_size=[2]))
+    assert partial["episode_success"].squeeze(-1).tolist() == [True, False]
+    td = transform._reset(td.exclude("_reset"), TensorDict({}, batch_size=[2]))
     assert not td["episode_success"].any()
 
 
-@pytest.mark.parametrize("execution", ["serial", "parallel"])
-def test_check_env_specs(make: Callable[..., EnvBase], execution: str) -> None:
-    env = make(["reach-v3", "push-v3"], max_episode_steps=5, execution=execution)
+def test_check_env_specs(make: Callable[..., EnvBase]) -> None:
+    env = make(["reach-v3", "push-v3"], max_episode_steps=5)
     assert env.batch_size == (2,)
     check_env_specs(env)
+
+
+def test_parallel_matches_serial(make: Callable[..., EnvBase]) -> None:
+    """``execution="parallel"`` (a ``ParallelEnv`` of ``GymWrapper`` s) has the specs and the
+    rollouts of the in-process batched env."""
+    kwargs = {"benchmark": ["reach-v3", "push-v3"], "max_episode_steps": 5, "reward_scale": 0.1}
+    serial, parallel = make(**kwargs), make(**kwargs, execution="parallel")
+    assert serial.output_spec == parallel.output_spec and serial.input_spec == parallel.input_spec
+    torch.manual_seed(0)
+    expected = serial.rollout(7, break_when_any_done=False)  # crosses a truncation
+    torch.manual_seed(0)
+    assert (parallel.rollout(7, break_when_any_done=False) == expected).all()
+    check_env_specs(parallel)
 
 
 @pytest.mark.parametrize(

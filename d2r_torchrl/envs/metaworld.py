@@ -1,13 +1,16 @@
 """Meta-World multi-task environments as one batched TorchRL env (batch ``[T]``).
 
-Each task is its own ``gym.make("Meta-World/MT1", env_name=...)`` env wrapped in a
-``GymWrapper`` and a few transforms; the ``T`` task envs are stepped together by a
-``SerialEnv`` (in-process) or a ``ParallelEnv`` (one worker process per task).
+Each task is its own ``gym.make("Meta-World/MT1", env_name=...)`` env. With
+``execution="serial"`` the ``T`` gymnasium envs are stepped in one loop by a
+:class:`MetaWorldBatchEnv`, so TorchRL's per-step work (tensordicts, done checks,
+transforms) is paid once per batch, not once per task as with a ``SerialEnv`` of
+``GymWrapper`` s; with ``execution="parallel"`` each task is a ``GymWrapper`` in a worker
+process of a ``ParallelEnv``. The project's transforms run once, on the batched env.
 
-Keys per sub-env (batch ``[T]`` once stacked): ``observation`` ``[39]`` float32,
-``task_id`` ``[]`` int64, ``reward`` ``[1]``, ``done``/``terminated``/``truncated``
-``[1]`` bool, ``success`` ``[1]`` bool (this step), ``episode_success`` ``[1]`` bool
-(any step so far), ``step_count`` ``[1]`` int64.
+Keys (batch ``[T]``): ``observation`` ``[T, 39]`` float32, ``task_id`` ``[T]`` int64,
+``reward`` ``[T, 1]`` float32, ``done``/``terminated``/``truncated`` ``[T, 1]`` bool,
+``success`` ``[T, 1]`` bool (this step), ``episode_success`` ``[T, 1]`` bool (any step
+since the last reset), ``step_count`` ``[T, 1]`` int64.
 """
 from __future__ import annotations
 
@@ -16,18 +19,17 @@ from typing import Literal, Sequence
 
 import gymnasium as gym
 import metaworld  # noqa: F401  (registers the Meta-World gymnasium ids)
+import numpy as np
 import torch
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS, MT10_V3
-from tensordict import TensorDictBase
-from torchrl.data import Categorical, Composite, Unbounded
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import (
     Compose,
-    DoubleToFloat,
     EnvBase,
     GymWrapper,
     ParallelEnv,
     RewardScaling,
-    SerialEnv,
     StepCounter,
     Transform,
     TransformedEnv,
@@ -79,21 +81,112 @@ class SuccessReader(BaseInfoDictReader):
         return {"success": Categorical(2, shape=(1,), dtype=torch.bool)}
 
 
+class MetaWorldBatchEnv(EnvBase):
+    """``T`` gymnasium envs (one per task) stepped one after the other as one TorchRL env
+    of batch ``[T]``, with the keys of a ``GymWrapper`` reading ``info["success"]``:
+    ``observation`` float32 ``[T, 39]``, ``reward`` float32 ``[T, 1]``,
+    ``done``/``terminated``/``truncated`` and ``success`` bool ``[T, 1]``.
+
+    A partial reset (``"_reset"`` in the input) resets only the flagged envs; the entries
+    of the others are taken from the input by ``EnvBase.reset``. ``set_seed(seed)`` resets
+    env ``i`` with seed ``seed + i``.
+    """
+
+    def __init__(self, envs: Sequence[gym.Env]) -> None:
+        super().__init__(batch_size=[len(envs)], device="cpu")
+        self._envs = list(envs)
+        num_envs = len(self._envs)
+        self._observation_shape = (num_envs, *self._envs[0].observation_space.shape)
+        action_space = self._envs[0].action_space
+
+        def flag() -> Categorical:
+            return Categorical(2, shape=(num_envs, 1), dtype=torch.bool)
+
+        self.action_spec = Bounded(
+            low=torch.as_tensor(action_space.low).expand(num_envs, *action_space.shape).clone(),
+            high=torch.as_tensor(action_space.high).expand(num_envs, *action_space.shape).clone(),
+            shape=(num_envs, *action_space.shape),
+            dtype=torch.float32,
+        )
+        self.observation_spec = Composite(
+            observation=Unbounded(shape=self._observation_shape, dtype=torch.float32),
+            success=flag(),
+            shape=(num_envs,),
+        )
+        self.reward_spec = Unbounded(shape=(num_envs, 1), dtype=torch.float32)
+        self.done_spec = Composite(done=flag(), terminated=flag(), truncated=flag(), shape=(num_envs,))
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        actions = tensordict.get("action").detach().numpy()
+        observation = np.empty(self._observation_shape, dtype=np.float32)
+        scalars = np.empty((len(self._envs), 4))  # reward, terminated, truncated, success
+        for i, (env, action) in enumerate(zip(self._envs, actions)):
+            obs, reward, terminated, truncated, info = env.step(action)
+            observation[i] = obs
+            scalars[i] = reward, terminated, truncated, info.get("success", 0.0)
+        flags = {
+            key: torch.from_numpy(scalars[:, k : k + 1] != 0)
+            for k, key in enumerate(("terminated", "truncated", "success"), start=1)
+        }
+        # every value already has the batch shape and device: skip TensorDict's checks, as
+        # TorchRL's GymWrapper does
+        return TensorDict._new_unsafe(
+            {
+                "observation": torch.from_numpy(observation),
+                "reward": torch.from_numpy(scalars[:, :1].astype(np.float32)),
+                **flags,
+                "done": flags["terminated"] | flags["truncated"],
+            },
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        reset = None if tensordict is None else tensordict.get("_reset", None)
+        to_reset = [True] * len(self._envs) if reset is None else reset.reshape(-1).tolist()
+        observation = np.zeros(self._observation_shape, dtype=np.float32)
+        success = np.zeros((len(self._envs), 1), dtype=bool)
+        for i, (env, reset_i) in enumerate(zip(self._envs, to_reset)):
+            if reset_i:
+                obs, info = env.reset(**kwargs)
+                observation[i] = obs
+                success[i] = info.get("success", 0.0)
+        not_done = torch.zeros((len(self._envs), 1), dtype=torch.bool)
+        return TensorDict(
+            {
+                "observation": torch.from_numpy(observation),
+                "success": torch.from_numpy(success),
+                "terminated": not_done,
+                "truncated": not_done.clone(),
+                "done": not_done.clone(),
+            },
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+
+    def _set_seed(self, seed: int | None) -> None:
+        for i, env in enumerate(self._envs):
+            env.reset(seed=None if seed is None else seed + i)
+
+    def close(self, *, raise_if_closed: bool = True) -> None:
+        for env in self._envs:
+            env.close()
+        super().close(raise_if_closed=raise_if_closed)
+
+
 class TaskIdTransform(Transform):
-    """Writes the constant ``task_id`` (int64, shape ``[]``) at every reset and step."""
+    """Writes the constant ``task_id`` (int64, shape = the env's batch shape) at every reset
+    and step: ``task_ids`` is one id (an env of batch ``[]``) or one id per sub-env."""
 
-    def __init__(self, task_id: int) -> None:
+    def __init__(self, task_ids: int | Sequence[int]) -> None:
         super().__init__(in_keys=[], out_keys=["task_id"])
-        self.task_id = task_id
-
-    def _value(self, tensordict: TensorDictBase) -> torch.Tensor:
-        return torch.full(tensordict.batch_size, self.task_id, dtype=torch.int64, device=tensordict.device)
+        self.register_buffer("task_ids", torch.as_tensor(task_ids, dtype=torch.int64))
 
     def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
-        return next_tensordict.set("task_id", self._value(next_tensordict))
+        return next_tensordict.set("task_id", self.task_ids.clone())
 
     def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
-        return tensordict_reset.set("task_id", self._value(tensordict_reset))
+        return tensordict_reset.set("task_id", self.task_ids.clone())
 
     def transform_observation_spec(self, observation_spec: Composite) -> Composite:
         observation_spec["task_id"] = Unbounded(
@@ -103,7 +196,11 @@ class TaskIdTransform(Transform):
 
 
 class EpisodeSuccessTransform(Transform):
-    """``episode_success = success at any step since the last reset`` (bool ``[1]``)."""
+    """``episode_success = success at any step since the last reset`` (bool ``[..., 1]``).
+
+    On a partial reset (``"_reset"`` set for some sub-envs only) the other sub-envs keep
+    their running value.
+    """
 
     def __init__(self) -> None:
         super().__init__(in_keys=["success"], out_keys=["episode_success"])
@@ -116,10 +213,15 @@ class EpisodeSuccessTransform(Transform):
         return next_tensordict.set("episode_success", success)
 
     def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
-        return tensordict_reset.set(
-            "episode_success",
-            torch.zeros((*tensordict_reset.batch_size, 1), dtype=torch.bool, device=tensordict_reset.device),
-        )
+        previous = tensordict.get("episode_success", None)
+        reset = tensordict.get("_reset", None)
+        if previous is None or reset is None:
+            value = torch.zeros(
+                (*tensordict_reset.batch_size, 1), dtype=torch.bool, device=tensordict_reset.device
+            )
+        else:
+            value = previous & ~reset
+        return tensordict_reset.set("episode_success", value)
 
     def transform_observation_spec(self, observation_spec: Composite) -> Composite:
         observation_spec["episode_success"] = Categorical(
@@ -160,6 +262,48 @@ def make_gym_task_env(
     return env
 
 
+def make_gym_wrapper(
+    task_name: str,
+    *,
+    seed: int,
+    goals: Literal["fixed", "random"],
+    max_episode_steps: int,
+    reward_function_version: str,
+) -> GymWrapper:
+    """One task as a ``GymWrapper`` (batch ``[]``) with the keys of :class:`MetaWorldBatchEnv`,
+    seeded with ``seed``. The project's other keys come from :func:`task_transforms`."""
+    gym_env = make_gym_task_env(
+        task_name,
+        seed=seed,
+        goals=goals,
+        max_episode_steps=max_episode_steps,
+        reward_function_version=reward_function_version,
+    )
+    env = GymWrapper(gym_env, device="cpu")
+    env.set_info_dict_reader(SuccessReader())
+    observation_spec = env.observation_spec.clone()
+    # float32, unbounded: Meta-World's observations can leave their Box bounds
+    observation_spec["observation"] = Unbounded(
+        shape=observation_spec["observation"].shape, dtype=torch.float32
+    )
+    env.observation_spec = observation_spec
+    env.set_seed(seed)
+    return env
+
+
+def task_transforms(task_ids: int | Sequence[int], reward_scale: float) -> Compose:
+    """``task_id``, ``episode_success``, ``step_count`` and the reward scale, for one task env
+    (``task_ids`` an int) or a batch of them (one id per sub-env)."""
+    transforms: list[Transform] = [
+        TaskIdTransform(task_ids),
+        EpisodeSuccessTransform(),
+        StepCounter(),
+    ]
+    if reward_scale != 1.0:
+        transforms.append(RewardScaling(loc=0.0, scale=reward_scale, in_keys=["reward"]))
+    return Compose(*transforms)
+
+
 def make_task_env(
     task_name: str,
     task_id: int,
@@ -171,31 +315,14 @@ def make_task_env(
     reward_function_version: str,
 ) -> TransformedEnv:
     """One task as a TorchRL env (batch ``[]``) with the project's keys."""
-    gym_env = make_gym_task_env(
+    base = make_gym_wrapper(
         task_name,
         seed=seed,
         goals=goals,
         max_episode_steps=max_episode_steps,
         reward_function_version=reward_function_version,
     )
-    base = GymWrapper(gym_env, device="cpu")
-    base.set_info_dict_reader(SuccessReader())
-    observation_spec = base.observation_spec.clone()
-    observation_spec["observation"] = Unbounded(
-        shape=observation_spec["observation"].shape, dtype=torch.float64
-    )
-    base.observation_spec = observation_spec
-    transforms = [
-        DoubleToFloat(in_keys=["observation"]),
-        TaskIdTransform(task_id),
-        EpisodeSuccessTransform(),
-        StepCounter(),
-    ]
-    if reward_scale != 1.0:
-        transforms.append(RewardScaling(loc=0.0, scale=reward_scale, in_keys=["reward"]))
-    env = TransformedEnv(base, Compose(*transforms))
-    env.set_seed(seed)
-    return env
+    return TransformedEnv(base, task_transforms(task_id, reward_scale))
 
 
 def make_env(
@@ -219,7 +346,7 @@ def make_env(
         max_episode_steps: time limit, a truncation (``truncated``), never a termination.
         reward_scale: multiplies rewards (0.1 in the D2R reference runs).
         reward_function_version: Meta-World reward version, ``"v1"`` or ``"v2"``.
-        execution: ``"serial"`` (in-process ``SerialEnv``, fastest on 2 cores) or
+        execution: ``"serial"`` (in-process :class:`MetaWorldBatchEnv`, fastest) or
             ``"parallel"`` (``ParallelEnv``, one process per task).
         first_task_id: ``task_id`` of the first task (a collector worker holding a slice
             of a benchmark keeps the benchmark's ids).
@@ -232,21 +359,26 @@ def make_env(
         raise ValueError(f"max_episode_steps must be a positive integer, got {max_episode_steps!r}.")
     if reward_scale <= 0:
         raise ValueError(f"reward_scale must be positive, got {reward_scale!r}.")
-    factories = [
-        functools.partial(
-            make_task_env,
-            name,
-            first_task_id + task_id,
-            seed=seed + first_task_id + task_id,
-            goals=goals,
-            max_episode_steps=max_episode_steps,
-            reward_scale=reward_scale,
-            reward_function_version=reward_function_version,
-        )
-        for task_id, name in enumerate(tasks)
-    ]
-    batched_cls = SerialEnv if execution == "serial" else ParallelEnv
-    env = batched_cls(len(tasks), factories, mp_start_method="spawn" if execution == "parallel" else None)
+    task_ids = [first_task_id + i for i in range(len(tasks))]
+    gym_kwargs = {
+        "goals": goals,
+        "max_episode_steps": max_episode_steps,
+        "reward_function_version": reward_function_version,
+    }
+    if execution == "serial":
+        gym_envs = [
+            make_gym_task_env(name, seed=seed + task_id, **gym_kwargs)
+            for task_id, name in zip(task_ids, tasks)
+        ]
+        base: EnvBase = MetaWorldBatchEnv(gym_envs)
+        base.set_seed(seed + first_task_id)  # env i: seed + first_task_id + i, as built
+    else:
+        factories = [
+            functools.partial(make_gym_wrapper, name, seed=seed + task_id, **gym_kwargs)
+            for task_id, name in zip(task_ids, tasks)
+        ]
+        base = ParallelEnv(len(tasks), factories, mp_start_method="spawn")
+    env = TransformedEnv(base, task_transforms(task_ids, reward_scale))
     env.task_names = tasks
     return env
 
