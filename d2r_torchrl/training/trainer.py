@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import signal
 import time
@@ -21,7 +22,11 @@ from d2r_torchrl.training.update import NonFiniteLossError, sac_update
 
 
 def make_logger(config: RunConfig, run_dir: Path) -> Logger:
+    """CSV (default), TensorBoard or W&B logger writing under ``run_dir``."""
     name = run_dir.name
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(config.log.backend)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"log.backend={config.log.backend} needs the {package!r} package: pip install {package}")
     if config.log.backend == "tensorboard":
         return TensorboardLogger(name, log_dir=str(run_dir))
     if config.log.backend == "wandb":
