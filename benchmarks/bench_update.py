@@ -17,10 +17,9 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import Bounded
 from torchrl.envs.utils import ExplorationType, set_exploration_type
-from torchrl.objectives import SoftUpdate
-
 from d2r_torchrl.modules import make_actor, make_critic
-from d2r_torchrl.objectives import MultiTaskSACLoss
+from d2r_torchrl.training import builders
+from d2r_torchrl.training.config import preset
 from d2r_torchrl.training.update import sac_update
 
 SIZES = {"MT10": (10, 1280), "MT50": (50, 6400)}
@@ -47,18 +46,13 @@ def synthetic_batch(actor, num_tasks: int, batch_size: int, device: torch.device
 
 def time_update(architecture: str, num_tasks: int, batch_size: int, repeats: int, device: torch.device) -> float:
     """Median milliseconds of one update after two warm-up updates."""
+    config = preset(architecture, "MT50" if num_tasks > 10 else "MT10")
     spec = Bounded(-1.0, 1.0, (ACT,), device=device)
-    preset = {"preset": "deep"} if architecture == "soft_modular" and num_tasks > 10 else {}
-    actor = make_actor(architecture, OBS, spec, num_tasks, **preset).to(device)
-    critic = make_critic(architecture, OBS, ACT, num_tasks, **preset).to(device)
-    loss = MultiTaskSACLoss(actor, critic, num_tasks=num_tasks, loss_balancing=architecture != "mt_sac")
-    loss.make_value_estimator(gamma=0.99)
-    optimizers = {
-        "actor": torch.optim.Adam(loss.actor_network_params.values(True, True), lr=3e-4),
-        "critic": torch.optim.Adam(loss.qvalue_network_params.values(True, True), lr=3e-4),
-        "alpha": torch.optim.Adam([loss.log_alpha], lr=1e-4),
-    }
-    updater = SoftUpdate(loss, tau=0.005)
+    kwargs = builders.network_kwargs(config)
+    actor = make_actor(architecture, OBS, spec, num_tasks, **kwargs).to(device)
+    critic = make_critic(architecture, OBS, ACT, num_tasks, **kwargs).to(device)
+    loss, updater = builders.make_loss(config, actor, critic, num_tasks)
+    optimizers = builders.make_optimizers(config, loss)
     batch = synthetic_batch(actor, num_tasks, batch_size, device)
     times = []
     for i in range(repeats + 2):

@@ -114,7 +114,12 @@ class MultiTaskSACLoss(SACLoss):
         self.loss_balancing = loss_balancing
         self.max_log_alpha_cap = max_log_alpha
         self.extreme_loss_threshold = extreme_loss_threshold
-        self.routed_actor = is_routed(actor_network)
+        routed = d2r_networks(actor_network)
+        self.route_layout = routed[0].layout if routed else None
+        self._temperature_keys = {
+            name: [key for key in getattr(self, name).keys(True, True) if key[-1] == "route_temperature"]
+            for name in ("actor_network_params", "qvalue_network_params", "target_qvalue_network_params")
+        }
         if time_limit_terminal:
             self.set_keys(terminated=self.tensor_keys.done)
         self.set_vmap_randomness("different")
@@ -141,10 +146,11 @@ class MultiTaskSACLoss(SACLoss):
         if self.max_log_alpha_cap is not None:
             self.log_alpha.data.clamp_(max=self.max_log_alpha_cap)
         temperature = route_temperature_from_log_alpha(self.log_alpha)
-        for params in (self.actor_network_params, self.qvalue_network_params, self.target_qvalue_network_params):
-            for key, value in params.items(include_nested=True, leaves_only=True):
-                if key[-1] == "route_temperature":
-                    value.data.copy_(temperature.expand_as(value))
+        for name, keys in self._temperature_keys.items():
+            params = getattr(self, name)
+            for key in keys:
+                value = params.get(key)
+                value.data.copy_(temperature.expand_as(value))
 
     def _task_ids(self, tensordict: TensorDictBase) -> torch.Tensor:
         task_id = tensordict.get(TASK_KEY, None)
@@ -161,7 +167,7 @@ class MultiTaskSACLoss(SACLoss):
         if tensordict.ndim != 1:
             tensordict = tensordict.reshape(-1)
         task_id = self._task_ids(tensordict)
-        if self.routed_actor and ROUTE_KEY not in tensordict.keys(True, True):
+        if self.route_layout is not None and ROUTE_KEY not in tensordict.keys(True, True):
             raise KeyError(
                 f"The D2R policy term replays the behaviour route {ROUTE_KEY}, which is missing "
                 "from the batch: store the actor's output with every transition."
@@ -245,7 +251,7 @@ class MultiTaskSACLoss(SACLoss):
         with set_routing_mode(RoutingMode.TOPK):
             q = self._vmap_qnetworkN0(q_td, self._cached_detached_qvalue_params)
         min_q = q.get(self.tensor_keys.state_action_value).squeeze(-1).min(0).values
-        route = actor_td.get(ROUTE_KEY, None) if self.routed_actor else None
+        route = actor_td.get(ROUTE_KEY, None) if self.route_layout is not None else None
         if route is not None:
-            route = d2r_networks(self.actor_network)[0].layout.pad(route, fill=False)
+            route = self.route_layout.pad(route, fill=False)
         return log_prob, min_q, route
