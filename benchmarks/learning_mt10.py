@@ -129,7 +129,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/learning"))
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every run")
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+        help="extra config overrides for every run, e.g. --set device=cuda log.progress_bar=false",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     run_all(args.out, args.methods, args.seeds, [*PRESETS[args.preset], *args.overrides])

@@ -116,9 +116,16 @@ class MultiTaskSACLoss(SACLoss):
         self.extreme_loss_threshold = extreme_loss_threshold
         routed = d2r_networks(actor_network)
         self.route_layout = routed[0].layout if routed else None
+        actor_keys, critic_keys = (
+            [key for key in getattr(self, name).keys(True, True) if key[-1] == "route_temperature"]
+            for name in ("actor_network_params", "qvalue_network_params")
+        )
+        # The target critics share the critics' keys; reading them here would warn that no
+        # target updater is attached yet.
         self._temperature_keys = {
-            name: [key for key in getattr(self, name).keys(True, True) if key[-1] == "route_temperature"]
-            for name in ("actor_network_params", "qvalue_network_params", "target_qvalue_network_params")
+            "actor_network_params": actor_keys,
+            "qvalue_network_params": critic_keys,
+            "target_qvalue_network_params": critic_keys,
         }
         if time_limit_terminal:
             self.set_keys(terminated=self.tensor_keys.done)
