@@ -1,9 +1,10 @@
 """Learning benchmark on MT10: D2R vs Soft Modularization vs MT-SAC, same budget and seeds.
 
-    python benchmarks/learning_mt10.py --preset cpu --seeds 0 1      # about an hour on 2 CPU cores
+    python benchmarks/learning_mt10.py --preset cpu --seeds 0 1      # about 1.5 h on 2 CPU cores
     python benchmarks/learning_mt10.py --preset gpu --seeds 0 1 2    # the reference budget (GPU)
 
-Each (method, seed) is a normal training run under ``--out``; afterwards the evaluation
+Each (method, seed) is a normal training run under ``--out``; a run stopped by Ctrl-C is
+saved and the same command resumes it (finished runs are skipped). Afterwards the evaluation
 logs are read back and ``learning_curves.png`` (mean success vs env frames, shaded
 min-max over seeds), ``per_task.png`` and ``summary.md`` (final success table) are written.
 """
@@ -21,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
 from d2r_torchrl.training.builders import task_names  # noqa: E402
+from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
 from d2r_torchrl.training.config import apply_overrides, preset  # noqa: E402
 from d2r_torchrl.training.trainer import Trainer  # noqa: E402
 
@@ -48,10 +50,16 @@ def run_all(out: Path, methods: list[str], seeds: list[int], overrides: list[str
             run_dir = out / f"{method}_seed{seed}"
             if (run_dir / "scalars" / "eval" / "success_mean.csv").exists() and (run_dir / "done").exists():
                 continue
-            config = apply_overrides(
-                preset(method, "MT10"), [*overrides, f"seed={seed}", f"log.root={out}", f"log.name={run_dir.name}"]
-            )
-            Trainer(config).train()
+            if (run_dir / CHECKPOINT_NAME).exists():
+                trainer = Trainer.resume(run_dir)
+            else:
+                config = apply_overrides(
+                    preset(method, "MT10"), [*overrides, f"seed={seed}", f"log.root={out}", f"log.name={run_dir.name}"]
+                )
+                trainer = Trainer(config)
+            trainer.train()
+            if trainer.interrupted:
+                raise SystemExit(f"Interrupted: {run_dir} is saved; the same command resumes it.")
             (run_dir / "done").write_text("ok")
 
 

@@ -52,6 +52,13 @@ def test_recipe_entry_point_writes_per_task_success(tmp_path):
     rows = list(csv.reader(success_files[0].open()))
     assert rows and 0.0 <= float(rows[-1][-1]) <= 1.0
     assert (run_dir / "scalars" / "eval" / "success_mean.csv").exists()
+    returns = [float(row[-1]) for row in csv.reader((run_dir / "scalars" / "eval" / "return_mean.csv").open())]
+    per_task = [
+        float(list(csv.reader(path.open()))[-1][-1])
+        for path in sorted((run_dir / "scalars" / "eval" / "return").glob("*.csv"))
+    ]
+    assert len(per_task) == 10 and returns[-1] == pytest.approx(sum(per_task) / 10, rel=1e-5)
+    assert returns[-1] > 0  # Meta-World rewards are positive
 
 
 def _stop_after(trainer: Trainer, updates: int) -> None:
@@ -70,7 +77,7 @@ def test_stop_and_resume_continue_from_checkpoint(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "log.name=run", "collector.total_steps_per_task=60"))
     _stop_after(trainer, 3)
     trainer.train()
-    assert trainer.counters.updates == 3
+    assert trainer.counters.updates == 3 and trainer.interrupted
     saved_alpha = trainer.loss.log_alpha.detach().clone()
     saved_params = trainer.loss.actor_network_params.clone()
     resumed = Trainer.resume(tmp_path / "run")
@@ -80,7 +87,7 @@ def test_stop_and_resume_continue_from_checkpoint(tmp_path):
     frames_before = resumed.counters.frames
     resumed.train()
     assert resumed.counters.frames == 60 * 2 and resumed.counters.frames > frames_before
-    assert resumed.counters.updates > 3
+    assert resumed.counters.updates > 3 and not resumed.interrupted
 
 
 def test_corrupt_checkpoint_raises_and_is_left_untouched(tmp_path):

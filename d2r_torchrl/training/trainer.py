@@ -99,6 +99,11 @@ class Trainer:
         trainer.loss.after_update()
         return trainer
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether :meth:`train` stopped on SIGINT/SIGTERM rather than at its frame budget."""
+        return self._stop_signal is not None
+
     # ------------------------------------------------------------------ updates
     def update(self) -> TensorDictBase:
         """Sample a batch and run :func:`sac_update` on it."""
@@ -173,25 +178,27 @@ class Trainer:
         self._stop_signal = signum
 
     def evaluate(self) -> float:
-        """Evaluate and log per-task and mean success; returns the mean."""
+        """Evaluate; log per-task and mean success and return; returns the mean success."""
         self.actor.eval()
-        success = evaluate(self.actor, self.eval_env, self.config.eval.episodes_per_task, self.config.env.max_episode_steps)
+        result = evaluate(self.actor, self.eval_env, self.config.eval.episodes_per_task, self.config.env.max_episode_steps)
         self.actor.train()
+        self._log_per_task("eval/success", result.success)
+        self._log_per_task("eval/return", result.episode_return)
+        return float(result.success.mean())
+
+    def _log_per_task(self, prefix: str, values: torch.Tensor) -> None:
+        """Log ``values`` ``[T]`` as ``{prefix}/{task}`` and their mean as ``{prefix}_mean``."""
         step = self.counters.frames
-        for name, value in zip(self.tasks, success.tolist()):
-            self.logger.log_scalar(f"eval/success/{name}", value, step=step)
-        mean = float(success.mean())
-        self.logger.log_scalar("eval/success_mean", mean, step=step)
-        return mean
+        for name, value in zip(self.tasks, values.tolist()):
+            self.logger.log_scalar(f"{prefix}/{name}", value, step=step)
+        self.logger.log_scalar(f"{prefix}_mean", float(values.mean()), step=step)
 
     def _log_losses(self, losses: TensorDictBase) -> None:
         step = self.counters.frames
         for key in ("loss_actor", "loss_qvalue", "loss_alpha", "entropy"):
             self.logger.log_scalar(f"train/{key}", float(losses[key]), step=step)
-        per_task = ["alpha"] + (["route_depth"] if "route_depth" in losses.keys() else [])
-        for key in per_task:
-            for name, value in zip(self.tasks, losses[key].tolist()):
-                self.logger.log_scalar(f"train/{key}/{name}", value, step=step)
+        for key in ["alpha"] + (["route_depth"] if "route_depth" in losses.keys() else []):
+            self._log_per_task(f"train/{key}", losses[key])
 
     def save(self) -> Path:
         return checkpointing.save(self.checkpoint, self.run_dir, metadata={"step": self.counters.frames})
