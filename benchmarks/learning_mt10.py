@@ -5,8 +5,8 @@
 
 Each (method, seed) is a normal training run under ``--out``; a run stopped by Ctrl-C is
 saved and the same command resumes it (finished runs are skipped). Afterwards the evaluation
-logs are read back and ``learning_curves.png`` (mean success vs env frames, shaded
-min-max over seeds), ``per_task.png`` and ``summary.md`` (final success table) are written.
+logs are read back and ``learning_curves.png`` (mean success and return vs env frames,
+shaded min-max over seeds), ``per_task.png`` and ``summary.md`` (final table) are written.
 """
 from __future__ import annotations
 
@@ -63,36 +63,41 @@ def run_all(out: Path, methods: list[str], seeds: list[int], overrides: list[str
             (run_dir / "done").write_text("ok")
 
 
-def final_success(run_dir: Path, name: str) -> float:
-    return read_scalar_csv(run_dir / "scalars" / "eval" / name)[1][-1]
+METRICS = {"success": "mean success rate", "return": "mean episode return (scaled reward)"}
+
+
+def eval_curve(run_dir: Path, name: str) -> tuple[list[float], list[float]]:
+    """``(frames, values)`` of one evaluation scalar, e.g. ``success_mean`` or ``return/reach-v3``."""
+    return read_scalar_csv(run_dir / "scalars" / "eval" / f"{name}.csv")
 
 
 def summarise(out: Path, methods: list[str], seeds: list[int]) -> dict:
+    """Plot mean curves (shaded min-max over seeds) and collect final values per method."""
     tasks = task_names(preset("d2r", "MT10"))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(11, 4))
     summary: dict = {}
     for method in methods:
         runs = [out / f"{method}_seed{seed}" for seed in seeds]
-        curves = [read_scalar_csv(run / "scalars" / "eval" / "success_mean.csv") for run in runs]
-        length = min(len(values) for _, values in curves)
-        steps = curves[0][0][:length]
-        columns = list(zip(*[values[:length] for _, values in curves]))
-        mean = [statistics.fmean(column) for column in columns]
-        ax.plot(steps, mean, label=method)
-        ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2)
-        finals = [final_success(run, "success_mean.csv") for run in runs]
-        per_task = {
-            task: statistics.fmean(final_success(run, f"success/{task}.csv") for run in runs) for task in tasks
-        }
-        summary[method] = {
-            "final_mean": statistics.fmean(finals),
-            "final_std": statistics.pstdev(finals),
-            "per_seed": finals,
-            "per_task": per_task,
-            "frames": steps[-1],
-        }
-    ax.set(xlabel="env frames (all tasks)", ylabel="mean success rate", title="Meta-World MT10")
-    ax.legend()
+        summary[method] = {}
+        for ax, (metric, label) in zip(axes, METRICS.items()):
+            curves = [eval_curve(run, f"{metric}_mean") for run in runs]
+            length = min(len(values) for _, values in curves)
+            steps = curves[0][0][:length]
+            columns = list(zip(*[values[:length] for _, values in curves]))
+            line, = ax.plot(steps, [statistics.fmean(c) for c in columns], label=method)
+            ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=line.get_color(), alpha=0.2)
+            ax.set(xlabel="env frames (all tasks)", ylabel=label)
+            finals = [values[-1] for _, values in curves]
+            summary[method][metric] = {
+                "final_mean": statistics.fmean(finals),
+                "final_std": statistics.pstdev(finals),
+                "per_seed": finals,
+                "per_task": {t: statistics.fmean(eval_curve(run, f"{metric}/{t}")[1][-1] for run in runs) for t in tasks},
+                "frames": steps[-1],
+            }
+    axes[0].set_ylim(0, 1)
+    axes[0].legend()
+    fig.suptitle(f"Meta-World MT10, seeds {seeds}")
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=120)
     plt.close(fig)
@@ -103,30 +108,38 @@ def summarise(out: Path, methods: list[str], seeds: list[int]) -> dict:
 
 
 def _plot_per_task(out: Path, summary: dict, tasks: tuple[str, ...]) -> None:
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, axes = plt.subplots(len(METRICS), 1, figsize=(9, 6), sharex=True)
     width = 0.8 / len(summary)
-    for i, (method, result) in enumerate(summary.items()):
-        ax.bar([t + i * width for t in range(len(tasks))], [result["per_task"][t] for t in tasks], width, label=method)
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=60, fontsize=7)
-    ax.set(ylabel="final success rate", ylim=(0, 1))
-    ax.legend()
+    for ax, (metric, label) in zip(axes, METRICS.items()):
+        for i, (method, result) in enumerate(summary.items()):
+            per_task = result[metric]["per_task"]
+            ax.bar([t + i * width for t in range(len(tasks))], [per_task[t] for t in tasks], width, label=method)
+        ax.set(ylabel=f"final {label.removeprefix('mean ')}")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend()
+    axes[-1].set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=60, fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "per_task.png", dpi=120)
     plt.close(fig)
 
 
 def _table(summary: dict, tasks: tuple[str, ...], seeds: list[int]) -> str:
+    def cell(result: dict) -> str:
+        return f"{result['final_mean']:.3f} ± {result['final_std']:.3f} ({', '.join(f'{v:.2f}' for v in result['per_seed'])})"
+
     lines = [
-        f"| method | final mean success (seeds {seeds}) | per seed |",
+        f"| method | final success, mean ± std over seeds {seeds} (per seed) | final return (per seed) |",
         "|---|---|---|",
-        *[
-            f"| {m} | {r['final_mean']:.3f} ± {r['final_std']:.3f} | {', '.join(f'{v:.2f}' for v in r['per_seed'])} |"
-            for m, r in summary.items()
-        ],
+        *[f"| {m} | {cell(r['success'])} | {cell(r['return'])} |" for m, r in summary.items()],
         "",
-        "| task | " + " | ".join(summary) + " |",
+        "| task | " + " | ".join(f"{m} success / return" for m in summary) + " |",
         "|---|" + "---|" * len(summary),
-        *[f"| {t} | " + " | ".join(f"{r['per_task'][t]:.2f}" for r in summary.values()) + " |" for t in tasks],
+        *[
+            f"| {t} | "
+            + " | ".join(f"{r['success']['per_task'][t]:.2f} / {r['return']['per_task'][t]:.1f}" for r in summary.values())
+            + " |"
+            for t in tasks
+        ],
     ]
     return "\n".join(lines) + "\n"
 
