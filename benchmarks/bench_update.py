@@ -5,7 +5,7 @@ steps, target soft update and route-temperature refresh (``sac_update``). Sizes:
 (T=10, batch 1,280) and MT50 (T=50, batch 6,400), all measured in one run; the headline
 is the ratio to MT-SAC.
 
-    python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--json out.json]
+    python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--device auto] [--json out.json]
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import Bounded
 from torchrl.envs.utils import ExplorationType, set_exploration_type
+
 from d2r_torchrl.modules import make_actor, make_critic
 from d2r_torchrl.training import builders
 from d2r_torchrl.training.config import preset
 from d2r_torchrl.training.update import sac_update
 
 SIZES = {"MT10": (10, 1280), "MT50": (50, 6400)}
-ARCHITECTURES = {"d2r": {}, "soft_modular": {}, "mt_sac": {}}
+ARCHITECTURES = ("d2r", "soft_modular", "mt_sac")
 OBS, ACT = 39, 4
 REFERENCE_MS = {"MT10": 650.0, "MT50": 7700.0}
 
@@ -72,11 +73,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = builders.resolve_device(args.device)
     results = {}
     print(f"device: {device}, torch threads: {torch.get_num_threads()}")
     print(f"{'size':6} {'architecture':14} {'ms/update':>10} {'x MT-SAC':>9} {'reference / ours':>17}")

@@ -3,8 +3,9 @@
     python benchmarks/speed_suite.py [--quick] [--out benchmarks/out/speed]
 
 Each part runs in its own process (so its peak resident memory is measured alone) on the
-current machine, CPU or CUDA as ``device=auto`` picks; results go to ``speed.json`` and a
-markdown table ``speed.md``. Ratios are the headline: this machine's absolute times vary.
+current machine: updates on the CPU and, when present, on CUDA; the end-to-end recipe on
+the device ``device=auto`` picks. Results go to ``speed.json`` and a markdown table
+``speed.md``. Ratios are the headline: this machine's absolute times vary.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "d2r_mt10.py"
@@ -56,18 +59,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "out" / "speed")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    env_json, update_json = args.out / "env.json", args.out / "update.json"
+    env_json = args.out / "env.json"
     frames, repeats, rounds = ("2000", "2", 2) if args.quick else ("10000", "5", 4)
-    env_wall, env_peak = run_part([sys.executable, str(HERE / "bench_env.py"), "--frames", frames, "--json", str(env_json)])
-    upd_wall, upd_peak = run_part(
-        [sys.executable, str(HERE / "bench_update.py"), "--repeats", repeats, "--json", str(update_json)]
-    )
-    results = {
-        "env": json.loads(env_json.read_text()),
-        "update": json.loads(update_json.read_text()),
-        "end_to_end_mt10": end_to_end(args.out, rounds, 50),
-        "peak_mib": {"env_benchmark": env_peak, "update_benchmark": upd_peak},
-    }
+    _, env_peak = run_part([sys.executable, str(HERE / "bench_env.py"), "--frames", frames, "--json", str(env_json)])
+    results = {"env": json.loads(env_json.read_text()), "update": {}, "peak_mib": {"env_benchmark": env_peak}}
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        update_json = args.out / f"update_{device}.json"
+        _, peak = run_part(
+            [sys.executable, str(HERE / "bench_update.py"), "--repeats", repeats, "--device", device, "--json", str(update_json)]
+        )
+        results["update"][device] = json.loads(update_json.read_text())["ms_per_update"]
+        results["peak_mib"][f"update_benchmark_{device}"] = peak
+    results["end_to_end_mt10"] = end_to_end(args.out, rounds, 50)
     (args.out / "speed.json").write_text(json.dumps(results, indent=2))
     (args.out / "speed.md").write_text(markdown(results))
     print(markdown(results))
@@ -78,16 +81,18 @@ def markdown(results: dict) -> str:
     env = results["env"]
     raw = env["fps"]["raw"]
     lines += [f"| {name} | {fps:.0f} | {fps / raw:.2f} |" for name, fps in env["fps"].items()]
-    lines += ["", f"| size | architecture | ms/update | x MT-SAC | ({results['update']['device']}) |", "|---|---|---|---|---|"]
-    for size, times in results["update"]["ms_per_update"].items():
-        lines += [f"| {size} | {arch} | {ms:.0f} | {ms / times['mt_sac']:.2f} | |" for arch, ms in times.items()]
+    lines += ["", "| device | size | architecture | ms/update | x MT-SAC |", "|---|---|---|---|---|"]
+    for device, sizes in results["update"].items():
+        for size, times in sizes.items():
+            lines += [f"| {device} | {size} | {arch} | {ms:.1f} | {ms / times['mt_sac']:.2f} |" for arch, ms in times.items()]
     e2e = results["end_to_end_mt10"]
     lines += [
         "",
         f"End-to-end MT10 D2R recipe: {e2e['frames']} frames and {e2e['updates']} updates in {e2e['seconds']:.0f} s "
         f"({e2e['frames_per_s']:.0f} frames/s, set-up included), peak {e2e['peak_mib']:.0f} MiB.",
-        f"Peak memory: env benchmark {results['peak_mib']['env_benchmark']:.0f} MiB, "
-        f"update benchmark {results['peak_mib']['update_benchmark']:.0f} MiB.",
+        "Peak resident memory per part: "
+        + ", ".join(f"{part} {mib:.0f} MiB" for part, mib in results["peak_mib"].items())
+        + ".",
     ]
     return "\n".join(lines) + "\n"
 
