@@ -1,7 +1,9 @@
 """Routing statistics on hand-made routes and a network whose routes are forced."""
+import json
+
 import torch
 
-from d2r_torchrl.analysis import routing_statistics, summarise_routes
+from d2r_torchrl.analysis import logit_spread, routing_statistics, summarise_routes
 from d2r_torchrl.analysis.__main__ import main as analysis_main
 from d2r_torchrl.modules.d2r import D2RNetwork
 from d2r_torchrl.modules.routing import GateLayout, route_depth
@@ -34,6 +36,17 @@ def test_summarise_routes_per_task():
     torch.testing.assert_close(stats.edge_frequency[1], SKIP.float())
 
 
+def test_logit_spread_hand_worked():
+    # task 0: logit 0 takes 1 and 3 (std 1), logit 1 stays 0 -> within 0.5; task 1: constant -> 0.
+    logits = torch.tensor([[1.0, 0.0], [3.0, 0.0], [4.0, 2.0], [4.0, 2.0]])
+    spread = logit_spread(logits, torch.tensor([0, 0, 1, 1]), num_tasks=3)
+    torch.testing.assert_close(spread.within_task, torch.tensor([0.5, 0.0, 0.0]))
+    # per-task means: task 0 (2, 0), task 1 (4, 2) -> std over the two present tasks 1 and 1.
+    assert spread.across_tasks == 1.0
+    # overall means (3, 1) -> std 1.
+    assert spread.across_logits == 1.0
+
+
 def test_routing_statistics_on_network_with_forced_routes():
     torch.manual_seed(0)
     net = D2RNetwork(6, 2, 2, num_modules=4, module_width=8, top_k=1, encoder_widths=(8,), router_widths=(8,))
@@ -45,6 +58,9 @@ def test_routing_statistics_on_network_with_forced_routes():
     stats = routing_statistics(net, torch.randn(12, 6), torch.arange(12) % 2)
     assert stats.mean_depth.tolist() == [4.0, 4.0]
     torch.testing.assert_close(stats.edge_frequency, CHAIN.float().expand(2, 4, 4))
+    # the router ignores its input: no spread within or across tasks, all of it across logits
+    assert stats.spread.within_task.abs().max() < 1e-6 and stats.spread.across_tasks < 1e-6
+    assert abs(stats.spread.across_logits - layout.flatten(wanted).std(correction=0).item()) < 1e-6
 
 
 def test_analysis_cli_writes_pictures(tmp_path):
@@ -69,4 +85,8 @@ def test_analysis_cli_writes_pictures(tmp_path):
     assert analysis_main([str(tmp_path / "run")]) == 0
     written = sorted(p.name for p in (tmp_path / "run" / "analysis").glob("*.png"))
     assert written == ["depth.png", "routes.png", "temperatures.png"]
+    summary = json.loads((tmp_path / "run" / "analysis" / "routing.json").read_text())
+    assert list(summary["tasks"]) == ["reach-v3", "push-v3"]
+    assert all(1 <= task["mean_depth"] <= 16 and task["states"] == 10 for task in summary["tasks"].values())
+    assert summary["logit_spread_across_logits"] > 0
     assert analysis_main([str(tmp_path / "missing")]) == 2

@@ -1,8 +1,9 @@
 """``python -m d2r_torchrl.analysis RUN_DIR [--episodes E] [--out DIR]``.
 
 Loads the run's checkpoint, rolls out the deterministic policy in every task, and writes
-``routes.png`` (top-k routing graph per task), ``depth.png`` (effective depth per task)
-and ``temperatures.png`` (per-task alpha and routing temperature over training).
+``routes.png`` (top-k routing graph per task), ``depth.png`` (effective depth per task),
+``temperatures.png`` (per-task alpha and routing temperature over training) and
+``routing.json`` (depth and router-logit spread per task, see :class:`LogitSpread`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torchrl.checkpoint import Checkpoint
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from d2r_torchrl.analysis.plots import plot_depth, plot_route_graphs, plot_temperatures
-from d2r_torchrl.analysis.statistics import routing_statistics
+from d2r_torchrl.analysis.statistics import RoutingStatistics, routing_statistics
 from d2r_torchrl.modules.actor_critic import d2r_networks
 from d2r_torchrl.training import builders, checkpointing
 from d2r_torchrl.training.config import RunConfig
@@ -37,9 +38,29 @@ def analyse(run_dir: Path, out_dir: Path, episodes: int = 1) -> list[Path]:
     states = torch.cat([r.reshape(-1) for r in rollouts])
     stats = routing_statistics(d2r_networks(actor)[0], states["observation"], states["task_id"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [plot_route_graphs(stats, tasks, out_dir / "routes.png"), plot_depth(stats, tasks, out_dir / "depth.png")]
+    written = [
+        plot_route_graphs(stats, tasks, out_dir / "routes.png"),
+        plot_depth(stats, tasks, out_dir / "depth.png"),
+        write_summary(stats, tasks, out_dir / "routing.json"),
+    ]
     temperatures = plot_temperatures(run_dir / "scalars" / "train" / "alpha", tasks, out_dir / "temperatures.png")
     return written + ([temperatures] if temperatures else [])
+
+
+def write_summary(stats: RoutingStatistics, tasks: tuple[str, ...], path: Path) -> Path:
+    """``routing.json``: per-task depth, states and within-task logit spread; global spreads."""
+    summary = {
+        "tasks": {
+            task: {"mean_depth": depth, "states": int(states), "logit_spread_within_task": within}
+            for task, depth, states, within in zip(
+                tasks, stats.mean_depth.tolist(), stats.samples.tolist(), stats.spread.within_task.tolist()
+            )
+        },
+        "logit_spread_across_tasks": stats.spread.across_tasks,
+        "logit_spread_across_logits": stats.spread.across_logits,
+    }
+    path.write_text(json.dumps(summary, indent=2))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Routing statistics of a D2R network: which modules feed which, and how deep, per task."""
+"""Routing statistics of a D2R network: which modules feed which, how deep, and how much
+the router's logits depend on the state and the task."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,41 @@ from d2r_torchrl.objectives.multitask_sac import per_task_mean
 
 
 @dataclass
+class LogitSpread:
+    """How much the router's logits move, in logit units (population standard deviations).
+
+    Attributes:
+        within_task: ``[T]`` std of each logit over the task's states, averaged over logits:
+            how much routing depends on the state.
+        across_tasks: std over tasks of each logit's per-task mean, averaged over logits:
+            how much routing depends on the task.
+        across_logits: std over logits of their overall mean: the input-independent
+            preference for some edges. When it dwarfs the other two, every state of every
+            task takes (nearly) the same top-k route.
+    """
+
+    within_task: torch.Tensor
+    across_tasks: float
+    across_logits: float
+
+
+def logit_spread(logits: torch.Tensor, task_id: torch.Tensor, num_tasks: int) -> LogitSpread:
+    """:class:`LogitSpread` of router logits ``[M, L]`` of tasks ``task_id`` ``[M]``.
+
+    Tasks without states count as zero spread within and are left out across tasks.
+    """
+    mean, counts = per_task_mean(logits.transpose(0, 1), task_id, num_tasks)
+    square, _ = per_task_mean(logits.square().transpose(0, 1), task_id, num_tasks)
+    within = (square - mean.square()).clamp(min=0).sqrt().mean(0)
+    present = mean[:, counts > 0]
+    return LogitSpread(
+        within_task=within,
+        across_tasks=float(present.std(1, correction=0).mean()),
+        across_logits=float(logits.mean(0).std(correction=0)),
+    )
+
+
+@dataclass
 class RoutingStatistics:
     """Per-task routing summary.
 
@@ -20,15 +56,20 @@ class RoutingStatistics:
             feeds the output head) selects module ``j + 1``.
         mean_depth: ``[T]`` mean number of modules on the longest chain of the route.
         samples: ``[T]`` states per task.
+        spread: router-logit spread, when the logits were given.
     """
 
     edge_frequency: torch.Tensor
     mean_depth: torch.Tensor
     samples: torch.Tensor
+    spread: LogitSpread | None = None
 
 
-def summarise_routes(selected: torch.Tensor, task_id: torch.Tensor, num_tasks: int) -> RoutingStatistics:
-    """Statistics of given routes ``selected`` ``[M, N, N]`` bool of tasks ``task_id`` ``[M]``."""
+def summarise_routes(
+    selected: torch.Tensor, task_id: torch.Tensor, num_tasks: int, logits: torch.Tensor | None = None
+) -> RoutingStatistics:
+    """Statistics of given routes ``selected`` ``[M, N, N]`` bool of tasks ``task_id`` ``[M]``
+    (and, with the router's flat ``logits`` ``[M, L]``, their spread)."""
     flat = selected.flatten(-2).float().transpose(0, 1)
     frequency, counts = per_task_mean(flat, task_id, num_tasks)
     depth, _ = per_task_mean(route_depth(selected).float(), task_id, num_tasks)
@@ -37,6 +78,7 @@ def summarise_routes(selected: torch.Tensor, task_id: torch.Tensor, num_tasks: i
         edge_frequency=frequency.transpose(0, 1).reshape(num_tasks, num_modules, num_modules),
         mean_depth=depth,
         samples=counts,
+        spread=None if logits is None else logit_spread(logits, task_id, num_tasks),
     )
 
 
@@ -44,6 +86,6 @@ def summarise_routes(selected: torch.Tensor, task_id: torch.Tensor, num_tasks: i
 def routing_statistics(network: D2RNetwork, features: torch.Tensor, task_id: torch.Tensor) -> RoutingStatistics:
     """Top-k (deterministic) routes of ``network`` on ``features`` ``[M, in]``, summarised per task."""
     with set_routing_mode(RoutingMode.TOPK):
-        _, _, flat_route = network(features, task_id)
+        _, flat_logits, flat_route = network(features, task_id)
     selected = network.layout.pad(flat_route, fill=False)
-    return summarise_routes(selected, task_id.reshape(-1).long(), network.num_tasks)
+    return summarise_routes(selected, task_id.reshape(-1).long(), network.num_tasks, flat_logits)
