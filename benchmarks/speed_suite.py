@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-RECIPE = HERE.parent / "recipes" / "d2r_mt10.py"
+RECIPES = HERE.parent / "recipes"
 
 
 def run_part(command: list[str]) -> tuple[float, float]:
@@ -37,8 +38,9 @@ def run_part(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def end_to_end(out: Path, rounds: int, updates: int) -> dict:
-    """The MT10 recipe for ``rounds`` rounds of 200 steps per task and ``updates`` updates each."""
+def end_to_end(out: Path, algorithm: str, rounds: int, updates: int) -> dict:
+    """``recipes/<algorithm>_mt10.py`` for ``rounds`` rounds of 200 steps per task and
+    ``updates`` updates each (the first round is warm-up), no evaluation."""
     overrides = [
         f"collector.total_steps_per_task={200 * rounds}",
         "collector.warmup_rounds=1",
@@ -46,9 +48,10 @@ def end_to_end(out: Path, rounds: int, updates: int) -> dict:
         "eval.episodes_per_task=0",
         "log.progress_bar=false",
         f"log.root={out}",
-        "log.name=end_to_end",
+        f"log.name=end_to_end_{algorithm}",
     ]
-    wall, peak = run_part([sys.executable, str(RECIPE), *overrides])
+    shutil.rmtree(out / f"end_to_end_{algorithm}", ignore_errors=True)
+    wall, peak = run_part([sys.executable, str(RECIPES / f"{algorithm}_mt10.py"), *overrides])
     frames = 200 * rounds * 10
     return {"frames": frames, "updates": (rounds - 1) * updates, "seconds": wall, "frames_per_s": frames / wall, "peak_mib": peak}
 
@@ -70,7 +73,7 @@ def main() -> None:
         )
         results["update"][device] = json.loads(update_json.read_text())["ms_per_update"]
         results["peak_mib"][f"update_benchmark_{device}"] = peak
-    results["end_to_end_mt10"] = end_to_end(args.out, rounds, 50)
+    results["end_to_end_mt10"] = {algorithm: end_to_end(args.out, algorithm, rounds, 50) for algorithm in ("d2r", "mt_sac")}
     (args.out / "speed.json").write_text(json.dumps(results, indent=2))
     (args.out / "speed.md").write_text(markdown(results))
     print(markdown(results))
@@ -86,10 +89,15 @@ def markdown(results: dict) -> str:
         for size, times in sizes.items():
             lines += [f"| {device} | {size} | {arch} | {ms:.1f} | {ms / times['mt_sac']:.2f} |" for arch, ms in times.items()]
     e2e = results["end_to_end_mt10"]
+    lines += ["", "| MT10 recipe, end to end | frames | updates | seconds | frames/s | x MT-SAC | peak MiB |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| {name} | {r['frames']} | {r['updates']} | {r['seconds']:.0f} | {r['frames_per_s']:.0f} "
+        f"| {r['frames_per_s'] / e2e['mt_sac']['frames_per_s']:.2f} | {r['peak_mib']:.0f} |"
+        for name, r in e2e.items()
+    ]
     lines += [
         "",
-        f"End-to-end MT10 D2R recipe: {e2e['frames']} frames and {e2e['updates']} updates in {e2e['seconds']:.0f} s "
-        f"({e2e['frames_per_s']:.0f} frames/s, set-up included), peak {e2e['peak_mib']:.0f} MiB.",
         "Peak resident memory per part: "
         + ", ".join(f"{part} {mib:.0f} MiB" for part, mib in results["peak_mib"].items())
         + ".",
