@@ -116,6 +116,13 @@ def test_each_collector_and_buffer_runs_updates(tmp_path, collector, buffer):
     assert trainer.counters.frames >= 60
 
 
+def test_warmup_rounds_run_no_update(tmp_path):
+    # 3 rounds of 10 steps per task, 1 warm-up round, 2 updates per round -> rounds 2 and 3 update
+    trainer = Trainer(tiny_config(tmp_path, "eval.episodes_per_task=0"))
+    trainer.train()
+    assert (trainer.counters.rounds, trainer.counters.updates) == (3, 4)
+
+
 def test_random_warmup_stores_no_behaviour_route(tmp_path):
     trainer = Trainer(
         tiny_config(

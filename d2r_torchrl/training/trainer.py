@@ -125,14 +125,14 @@ class Trainer:
 
         Rounds are counted in frames (``steps_per_task * T`` per round), so a collector
         that yields part of a round (``multi_async``) gets its share of the updates.
-        Updates start once the buffer holds the warm-up frames (also after resuming
-        without a saved buffer). SIGINT/SIGTERM finish the current update, save a
+        Updates start once the buffer holds more than the warm-up frames, i.e. in the
+        round after the warm-up rounds (also after resuming without a saved buffer). SIGINT/SIGTERM finish the current update, save a
         checkpoint and return; worker processes ignore SIGINT so that they survive it.
         """
         cfg = self.config
         frames_per_round = cfg.collector.steps_per_task * self.num_tasks
         total_frames = cfg.collector.total_steps_per_task * self.num_tasks
-        warmup_frames = max(cfg.collector.warmup_rounds * frames_per_round, self.num_tasks)
+        warmup_frames = cfg.collector.warmup_rounds * frames_per_round
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         collector = builders.make_collector(cfg, self.tasks, self.actor, self.device, self.counters.frames)
         for sig in previous:
@@ -145,7 +145,7 @@ class Trainer:
                 rounds_before = self.counters.rounds
                 self.counters.frames += data.numel()
                 self.counters.rounds = self.counters.frames // frames_per_round
-                if len(self.buffer) >= warmup_frames:
+                if len(self.buffer) > warmup_frames:  # the warm-up rounds run no update
                     self._update_round(round(cfg.collector.updates_per_round * data.numel() / frames_per_round))
                     collector.update_policy_weights_()
                     bar.set_postfix(updates_per_s=f"{self._update_rate:.1f}", success=summary.get("success", float("nan")))
