@@ -1,10 +1,12 @@
 """Learning benchmark on MT10: D2R vs Soft Modularization vs MT-SAC, same budget and seeds.
 
-    python benchmarks/learning_mt10.py --preset cpu --seeds 0 1      # about 1.5 h on 2 CPU cores
+    python benchmarks/learning_mt10.py --preset cpu --seeds 0 1      # about 70 min on 2 CPU cores
     python benchmarks/learning_mt10.py --preset gpu --seeds 0 1 2    # the reference budget (GPU)
 
 Each (method, seed) is a normal training run under ``--out``; a run stopped by Ctrl-C is
-saved and the same command resumes it (finished runs are skipped). Afterwards the evaluation
+saved (replay buffer included in the cpu preset) and the same command resumes it with its
+saved config; finished runs are skipped. ``seed``, ``log.root`` and ``log.name`` are set
+per run and cannot be overridden. Afterwards the evaluation
 logs are read back and ``learning_curves.png`` (mean success and return vs env frames,
 shaded min-max over seeds), ``per_task.png`` and ``summary.md`` (final table) are written.
 """
@@ -27,6 +29,8 @@ from d2r_torchrl.training.config import apply_overrides, preset  # noqa: E402
 from d2r_torchrl.training.trainer import Trainer  # noqa: E402
 
 METHODS = ("d2r", "soft_modular", "mt_sac")
+METRICS = {"success": "mean success rate", "return": "mean episode return (scaled reward)"}
+PER_RUN_KEYS = ("seed", "log.root", "log.name")
 PRESETS = {
     "cpu": [
         "env.max_episode_steps=200",
@@ -39,6 +43,7 @@ PRESETS = {
         "eval.interval_rounds=10",
         "eval.episodes_per_task=4",
         "log.checkpoint_interval_rounds=1000",
+        "buffer.in_checkpoint=true",
     ],
     "gpu": [],  # the presets as they are: the reference budget (1.5M steps per task)
 }
@@ -61,9 +66,6 @@ def run_all(out: Path, methods: list[str], seeds: list[int], overrides: list[str
             if trainer.interrupted:
                 raise SystemExit(f"Interrupted: {run_dir} is saved; the same command resumes it.")
             (run_dir / "done").write_text("ok")
-
-
-METRICS = {"success": "mean success rate", "return": "mean episode return (scaled reward)"}
 
 
 def eval_curve(run_dir: Path, name: str) -> tuple[list[float], list[float]]:
@@ -155,6 +157,9 @@ def main() -> None:
         help="extra config overrides for every run, e.g. --set device=cuda log.progress_bar=false",
     )
     args = parser.parse_args()
+    reserved = [o for o in args.overrides if o.split("=", 1)[0] in PER_RUN_KEYS]
+    if reserved:
+        parser.error(f"--set {' '.join(reserved)}: {', '.join(PER_RUN_KEYS)} are set per run (use --seeds / --out).")
     args.out.mkdir(parents=True, exist_ok=True)
     run_all(args.out, args.methods, args.seeds, [*PRESETS[args.preset], *args.overrides])
     summarise(args.out, args.methods, args.seeds)

@@ -90,6 +90,15 @@ def test_stop_and_resume_continue_from_checkpoint(tmp_path):
     assert resumed.counters.updates > 3 and not resumed.interrupted
 
 
+def test_train_again_after_interruption_runs_to_the_end(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "log.name=run", "eval.episodes_per_task=0"))
+    _stop_after(trainer, 1)
+    trainer.train()
+    assert trainer.interrupted and trainer.counters.frames < 60
+    trainer.train()
+    assert not trainer.interrupted and trainer.counters.frames == 60
+
+
 def test_corrupt_checkpoint_raises_and_is_left_untouched(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "log.name=run"))
     trainer.save()
@@ -171,6 +180,9 @@ def test_config_errors_and_help(capsys):
         parse("d2r", "MT10", ["loss.gamma=abc"])
     with pytest.raises(ConfigError, match="env.benchmark"):
         parse("d2r", "MT10", ["env.benchmark=MT7"])
+    # 2 warm-up rounds x 10 steps x 10 tasks = 200 frames: a 200-slot buffer would never update
+    with pytest.raises(ConfigError, match="must exceed the 200 warm-up frames"):
+        parse("d2r", "MT10", ["buffer.capacity=200", "collector.warmup_rounds=2", "collector.steps_per_task=10"])
     config, _ = parse("d2r", "MT10", ["loss.max_log_alpha=none", "env.goals=random"])
     assert config.loss.max_log_alpha is None and config.env.goals == "random"
     assert main("d2r", "MT10", ["collector.steps_per_task=0"]) == 2

@@ -41,14 +41,15 @@ def analyse(run_dir: Path, out_dir: Path, episodes: int = 1) -> list[Path]:
     written = [
         plot_route_graphs(stats, tasks, out_dir / "routes.png"),
         plot_depth(stats, tasks, out_dir / "depth.png"),
-        write_summary(stats, tasks, out_dir / "routing.json"),
+        _write_summary(stats, tasks, out_dir / "routing.json"),
     ]
     temperatures = plot_temperatures(run_dir / "scalars" / "train" / "alpha", tasks, out_dir / "temperatures.png")
     return written + ([temperatures] if temperatures else [])
 
 
-def write_summary(stats: RoutingStatistics, tasks: tuple[str, ...], path: Path) -> Path:
-    """``routing.json``: per-task depth, states and within-task logit spread; global spreads."""
+def _write_summary(stats: RoutingStatistics, tasks: tuple[str, ...], path: Path) -> Path:
+    """``routing.json``: per-task depth, states and within-task logit spread; global spreads
+    (``stats`` from :func:`routing_statistics`, which always measures the spread)."""
     summary = {
         "tasks": {
             task: {"mean_depth": depth, "states": int(states), "logit_spread_within_task": within}

@@ -34,13 +34,16 @@ def logit_spread(logits: torch.Tensor, task_id: torch.Tensor, num_tasks: int) ->
     """:class:`LogitSpread` of router logits ``[M, L]`` of tasks ``task_id`` ``[M]``.
 
     Tasks without states count as zero spread within and are left out across tasks.
+    Computed in float64 and in two passes (deviations from the task mean), because the
+    within-task spread can be thousands of times smaller than the logits themselves.
     """
-    mean, counts = per_task_mean(logits.transpose(0, 1), task_id, num_tasks)
-    square, _ = per_task_mean(logits.square().transpose(0, 1), task_id, num_tasks)
-    within = (square - mean.square()).clamp(min=0).sqrt().mean(0)
+    logits = logits.double()
+    mean, counts = per_task_mean(logits.transpose(0, 1), task_id, num_tasks)  # [L, T]
+    deviation = logits - mean.transpose(0, 1)[task_id]
+    variance, _ = per_task_mean(deviation.square().transpose(0, 1), task_id, num_tasks)
     present = mean[:, counts > 0]
     return LogitSpread(
-        within_task=within,
+        within_task=variance.sqrt().mean(0).float(),
         across_tasks=float(present.std(1, correction=0).mean()),
         across_logits=float(logits.mean(0).std(correction=0)),
     )

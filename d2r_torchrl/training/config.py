@@ -275,4 +275,10 @@ def validate(config: RunConfig) -> RunConfig:
         "buffer.kind=stratified needs every task in every collected batch; use collector.kind "
         "'sync' or 'multi_sync' with it.",
     )
+    warmup_frames = config.collector.warmup_rounds * config.collector.steps_per_task * len(tasks)
+    _require(
+        config.buffer.capacity > warmup_frames,
+        f"buffer.capacity={config.buffer.capacity} must exceed the {warmup_frames} warm-up frames "
+        "(collector.warmup_rounds x collector.steps_per_task x tasks), or no update would ever run.",
+    )
     return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from tensordict.nn import TensorDictModuleBase
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
@@ -16,7 +17,9 @@ class EvaluationResult(NamedTuple):
 
 
 @torch.no_grad()
-def evaluate(policy, env: EnvBase, episodes_per_task: int, max_episode_steps: int) -> EvaluationResult:
+def evaluate(
+    policy: TensorDictModuleBase, env: EnvBase, episodes_per_task: int, max_episode_steps: int
+) -> EvaluationResult:
     """Success rate and undiscounted return per task over ``episodes_per_task`` episodes each.
 
     Each rollout runs one full episode in every sub-env (episodes end by the time limit;

@@ -125,11 +125,13 @@ class Trainer:
 
         Rounds are counted in frames (``steps_per_task * T`` per round), so a collector
         that yields part of a round (``multi_async``) gets its share of the updates.
-        Updates start once the buffer holds more than the warm-up frames, i.e. in the
-        round after the warm-up rounds (also after resuming without a saved buffer). SIGINT/SIGTERM finish the current update, save a
-        checkpoint and return; worker processes ignore SIGINT so that they survive it.
+        Updates start once the buffer holds more than the warm-up frames: in the round
+        after the warm-up rounds (after resuming without a saved buffer, too).
+        SIGINT/SIGTERM finish the current update, save a checkpoint and return; worker
+        processes ignore SIGINT so that they survive it.
         """
         cfg = self.config
+        self._stop_signal = None
         frames_per_round = cfg.collector.steps_per_task * self.num_tasks
         total_frames = cfg.collector.total_steps_per_task * self.num_tasks
         warmup_frames = cfg.collector.warmup_rounds * frames_per_round
