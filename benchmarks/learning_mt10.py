@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import matplotlib
@@ -50,11 +51,17 @@ PRESETS = {
 
 
 def run_all(out: Path, methods: list[str], seeds: list[int], overrides: list[str]) -> None:
+    """Train every (method, seed) not finished yet; ``<run>/benchmark.json`` records whether
+    the run finished, its wall seconds (summed over resumed segments, set-up included),
+    updates and frames."""
     for method in methods:
         for seed in seeds:
             run_dir = out / f"{method}_seed{seed}"
-            if (run_dir / "scalars" / "eval" / "success_mean.csv").exists() and (run_dir / "done").exists():
+            record = run_dir / "benchmark.json"
+            state = json.loads(record.read_text()) if record.exists() else {"done": False, "seconds": 0.0}
+            if state["done"]:
                 continue
+            started = time.perf_counter()
             if (run_dir / CHECKPOINT_NAME).exists():
                 trainer = Trainer.resume(run_dir)
             else:
@@ -63,9 +70,15 @@ def run_all(out: Path, methods: list[str], seeds: list[int], overrides: list[str
                 )
                 trainer = Trainer(config)
             trainer.train()
+            state.update(
+                done=not trainer.interrupted,
+                seconds=state["seconds"] + time.perf_counter() - started,
+                updates=trainer.counters.updates,
+                frames=trainer.counters.frames,
+            )
+            record.write_text(json.dumps(state, indent=2))
             if trainer.interrupted:
                 raise SystemExit(f"Interrupted: {run_dir} is saved; the same command resumes it.")
-            (run_dir / "done").write_text("ok")
 
 
 def eval_curve(run_dir: Path, name: str) -> tuple[list[float], list[float]]:
@@ -97,6 +110,10 @@ def summarise(out: Path, methods: list[str], seeds: list[int]) -> dict:
                 "per_task": {t: statistics.fmean(eval_curve(run, f"{metric}/{t}")[1][-1] for run in runs) for t in tasks},
                 "frames": steps[-1],
             }
+    for method in methods:
+        records = [json.loads((out / f"{method}_seed{seed}" / "benchmark.json").read_text()) for seed in seeds]
+        summary[method]["wall_seconds"] = [r["seconds"] for r in records]
+        summary[method]["updates"] = [r["updates"] for r in records]
     axes[0].set_ylim(0, 1)
     axes[0].legend()
     fig.suptitle(f"Meta-World MT10, seeds {seeds}")
@@ -129,10 +146,17 @@ def _table(summary: dict, tasks: tuple[str, ...], seeds: list[int]) -> str:
     def cell(result: dict) -> str:
         return f"{result['final_mean']:.3f} ± {result['final_std']:.3f} ({', '.join(f'{v:.2f}' for v in result['per_seed'])})"
 
+    def per_seed(values: list[float]) -> str:
+        return ", ".join(f"{v:,.0f}" for v in values)
+
     lines = [
-        f"| method | final success, mean ± std over seeds {seeds} (per seed) | final return (per seed) |",
-        "|---|---|---|",
-        *[f"| {m} | {cell(r['success'])} | {cell(r['return'])} |" for m, r in summary.items()],
+        f"| method | final success, mean ± std over seeds {seeds} (per seed) | final return (per seed) "
+        "| updates | wall s per run |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {m} | {cell(r['success'])} | {cell(r['return'])} | {per_seed(r['updates'])} | {per_seed(r['wall_seconds'])} |"
+            for m, r in summary.items()
+        ],
         "",
         "| task | " + " | ".join(f"{m} success / return" for m in summary) + " |",
         "|---|" + "---|" * len(summary),
