@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per path, the best is kept")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
-    tasks = resolve_tasks(args.tasks.split(",") if "," in args.tasks else args.tasks)
+    tasks = resolve_tasks(args.tasks)
     torch.manual_seed(0)
     print(
         f"{len(tasks)} tasks, {args.frames} frames per path, best of {args.repeats}, "

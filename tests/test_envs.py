@@ -328,3 +328,4 @@ def test_benchmarks_resolve() -> None:
     assert set(mt10) <= set(mt50)
     assert resolve_tasks("reach-v3") == ("reach-v3",)
     assert resolve_tasks(["push-v3", "reach-v3"]) == ("push-v3", "reach-v3")
+    assert resolve_tasks("push-v3,reach-v3") == ("push-v3", "reach-v3")

@@ -47,11 +47,12 @@ METAWORLD_MAX_PATH_LENGTH = 500
 
 
 def resolve_tasks(benchmark: str | Sequence[str]) -> tuple[str, ...]:
-    """``"MT10"``, ``"MT50"``, one task name or a list of task names -> task names."""
+    """``"MT10"``, ``"MT50"``, one task name, comma-separated task names
+    (``"reach-v3,push-v3"``) or a list of task names -> task names."""
     if isinstance(benchmark, str):
         if benchmark in BENCHMARKS:
             return BENCHMARKS[benchmark]
-        names: Sequence[str] = (benchmark,)
+        names: Sequence[str] = tuple(benchmark.split(","))
     else:
         names = tuple(benchmark)
     if not names:

@@ -26,8 +26,7 @@ def resolve_device(name: str) -> torch.device:
 
 def task_names(config: RunConfig) -> tuple[str, ...]:
     """``env.benchmark`` may be ``MT10``, ``MT50``, a task name or comma-separated names."""
-    benchmark = config.env.benchmark
-    return resolve_tasks(benchmark.split(",") if "," in benchmark else benchmark)
+    return resolve_tasks(config.env.benchmark)
 
 
 def env_factory(config: RunConfig, tasks: tuple[str, ...], *, first_task_id: int = 0, seed_offset: int = 0) -> Callable[[], EnvBase]:

@@ -216,7 +216,7 @@ def validate(config: RunConfig) -> RunConfig:
     from d2r_torchrl.envs.metaworld import EXECUTION_MODES, GOAL_MODES, REWARD_VERSIONS, resolve_tasks
 
     try:
-        tasks = resolve_tasks(config.env.benchmark.split(",") if "," in config.env.benchmark else config.env.benchmark)
+        tasks = resolve_tasks(config.env.benchmark)
     except ValueError as error:
         raise ConfigError(f"env.benchmark: {error}") from None
     _choice("device", config.device.split(":")[0], ("auto", "cpu", "cuda"))
