@@ -8,10 +8,11 @@ from d2r_torchrl.modules.init import hidden_linear, init_hidden, mlp, output_lin
 from d2r_torchrl.modules.routing import (
     GateLayout,
     RoutingMode,
-    endorsement_mask,
-    route_weights,
+    route_mask,
     routing_mode,
-    select_routes,
+    select_sources,
+    slot_endorsement,
+    slot_weights,
 )
 from d2r_torchrl.modules.task_conditioning import TaskEmbedding, check_features, flatten_task_id
 
@@ -99,159 +100,204 @@ class D2RNetwork(nn.Module):
         routing_input = self.task_embedding(task_id) * state
         flat_logits = self.router(routing_input)
         logits = self.layout.pad(flat_logits)
-        selected = select_routes(
+        index = select_sources(
             logits,
             self.layout,
             routing_mode(),
             temperature=self.route_temperature[task_id],
             behaviour=behaviour_route,
         )
-        weights = route_weights(logits, selected)
+        weights = slot_weights(logits, index, self.layout)
         res_routing = self.res_routing and self.training and torch.is_grad_enabled()
-        endorsed = endorsement_mask(logits, self.layout) if res_routing else None
-        mixed = self._run_modules(torch.relu(state), weights, selected, endorsed)
-        return self.head(mixed), flat_logits, self.layout.flatten(selected)
+        endorsed = slot_endorsement(logits, index, self.layout) if res_routing else None
+        mixed = self._run_modules(torch.relu(state), index, weights, endorsed)
+        return self.head(mixed), flat_logits, self.layout.flatten(route_mask(index, self.layout))
 
     def _run_modules(
         self,
         inputs: torch.Tensor,
+        index: torch.Tensor,
         weights: torch.Tensor,
-        selected: torch.Tensor,
         endorsed: torch.Tensor | None,
     ) -> torch.Tensor:
         """Chain the modules; returns the output-gate mixture ``[*B, width]``.
 
-        Each gate reads its selected sources (``min(k, candidates)`` of them, as
-        :func:`select_routes` returns): their indices, mixing weights and endorsement
-        are gathered into ``[*B, N, k]`` tensors and the chain runs in
-        :class:`_ModuleChain`. Padding slots of gates with fewer than ``k`` candidates
-        get weight 0.
+        ``index``, ``weights`` and ``endorsed`` are ``[*B, N, k]`` (see
+        :func:`select_sources`); padding slots are pointed at a computed module and get
+        weight 0. The chain runs in :class:`_ModuleChain` as an ensemble of one.
         """
-        index = selected.to(weights.dtype).topk(self.top_k, dim=-1).indices
-        slot_weights = weights.gather(-1, index)
-        if endorsed is None:
-            slot_endorsed = torch.ones_like(slot_weights)
-        else:
-            slot_endorsed = endorsed.gather(-1, index).to(weights.dtype)
-        last_source = self.layout.num_candidates[:, None] - 1
-        index = torch.minimum(index, last_source)  # padding slots read a computed module
+        index = torch.minimum(index, self.layout.last_source)
         first = torch.relu(self.blocks[0](inputs))
         batch_shape, width = first.shape[:-1], first.shape[-1]
-        flat = (-1, self.num_modules, self.top_k)
+        gate_major = (-1, self.num_modules, self.top_k)
+
+        def chain_layout(slots: torch.Tensor) -> torch.Tensor:
+            """``[*B, N, k]`` -> ``[N, 1, B, k]`` (gate-major, ensemble of one)."""
+            return slots.reshape(gate_major).transpose(0, 1).unsqueeze(1)
+
         mixed = _ModuleChain.apply(
-            first.reshape(-1, width),
-            index.reshape(flat),
-            slot_weights.reshape(flat),
-            slot_endorsed.reshape(flat),
-            *[p for block in self.blocks[1:] for p in (block.weight, block.bias)],
+            first.reshape(1, -1, width),
+            chain_layout(index),
+            chain_layout(weights),
+            None if endorsed is None else chain_layout(endorsed.to(weights.dtype)),
+            *[p.unsqueeze(0) for block in self.blocks[1:] for p in (block.weight, block.bias)],
         )[0]
         return mixed.reshape(*batch_shape, width)
 
 
 class _ModuleChain(torch.autograd.Function):
-    """Modules ``2..N`` and the output gate, with a hand-written backward.
+    """Modules ``2..N`` and the output gate of an ensemble of ``E`` networks, with a
+    hand-written backward.
 
-    Plain autograd would need, at every gate, one tensor holding all earlier module
-    outputs to pick each sample's sources from (``O(N^2)`` copies per pass, forward and
-    backward). Here the outputs live in one module-major ``[N, B, d]`` buffer that each
-    gate reads with ``index_select``; the backward walks the chain in reverse and sends
-    gradients back with ``index_add_``. Inputs (``B`` samples, ``k`` slots per gate):
+    Plain form (what it computes, for each member ``e`` and sample ``b``)::
 
-    * ``first`` ``[B, d]``: ``y^1``;
-    * ``index`` ``[B, N, k]``: each gate's sources; ``weight`` ``[B, N, k]``: their mixing
-      weights; ``endorsed`` ``[B, N, k]``: 1 where ResRouting endorses the source (all 1
+        y_1 = first;  for g = 1..N-1:  x_g = sum_r weight[g, r] y_{index[g, r]}
+                                       y_{g+1} = relu(W_g x_g + b_g) + x_g
+        output = sum_r weight[N, r] y_{index[N, r]}
+
+    with ResRouting's gradient paths (METHOD.md section 2): a gate's read of source ``j``
+    passes the gradient of the plain mixture ``x`` to all of ``y_j`` and that of the
+    ResRouting mixture ``x~`` (equal in value) to ``y_j`` when ``endorsed``, else only to the
+    shortcut part ``x_j`` of ``y_j = a_j + x_j`` (``y_1 = a_1`` has none). The tests
+    ``test_gradients_match_a_gate_by_gate_implementation`` (per-gate autograd, float64) and
+    ``test_vmapped_critic_ensemble_matches_each_critic`` check it against that form.
+
+    Plain autograd would need, at every gate, one tensor holding all earlier module outputs
+    to pick each sample's sources from (``O(N^2)`` copies per pass). Here the outputs live
+    in one module-major buffer ``[N, E * B, d]`` that each gate reads with one
+    ``embedding_bag`` (gather and weighted sum fused). The backward keeps only that buffer
+    and the ReLU masks, recomputes each module's input ``x``, walks the chain in reverse and
+    sends gradients back with one ``index_add_`` per gate. The members' linear maps are
+    batched matrix products, so twin critics run as one chain; under :func:`torch.vmap` the
+    vmapped dimension is folded into the ensemble (see :meth:`vmap`).
+
+    Inputs (``S = E * B`` samples, ``k`` slots per gate):
+
+    * ``first`` ``[E, B, d]``: ``y_1``;
+    * ``index`` ``[N, E, B, k]`` long: each gate's sources (``<=`` the gate's last
+      candidate); ``weight`` ``[N, E, B, k]``: their mixing weights; ``endorsed``
+      ``[N, E, B, k]`` or ``None``: 1 where ResRouting endorses the source (``None``
       without ResRouting);
-    * then weight and bias of modules ``2..N``.
+    * then weight ``[E, d, d]`` and bias ``[E, d]`` of modules ``2..N``.
 
-    With ``x`` the plain mixture and ``x~`` the ResRouting one (equal in value), a gate's
-    read of source ``j`` passes the gradient of ``x`` to all of ``y^j`` and that of ``x~``
-    to ``y^j`` when endorsed, else only to the shortcut ``x^j`` of ``y^j = a^j + x^j``
-    (for ``j = 1``, ``y^1 = a^1``). Returns the output mixture ``[B, d]`` and, for the
-    backward only, the module outputs ``y``, inputs ``x`` and activations ``a``.
+    Returns the output mixture ``[E, B, d]`` and, for the backward only, the module outputs
+    ``y`` ``[N, S, d]`` and ReLU masks ``W_g x_g + b_g > 0`` ``[N - 1, S, d]`` bool.
     """
-
-    generate_vmap_rule = True
 
     @staticmethod
     def forward(first, index, weight, endorsed, *params):  # type: ignore[override]
-        num_modules = index.shape[-2]
-        rows = _flat_rows(index)
-        outputs = first.new_empty((num_modules, *first.shape))
-        inputs = first.new_empty((num_modules - 1, *first.shape))
-        activations = torch.empty_like(inputs)
-        outputs[0] = first
+        members, batch, width = first.shape
+        num_modules = index.shape[0]
+        rows, slot_weight = _flat_rows(index), weight.flatten(1, 2)
+        outputs = first.new_empty((num_modules, members * batch, width))
+        active = torch.empty(outputs[1:].shape, dtype=torch.bool, device=first.device)
+        outputs[0] = first.reshape(-1, width)
+        table = outputs.flatten(0, 1)
         for gate in range(num_modules - 1):
-            x = _read(outputs, rows[:, gate], weight[:, gate])
-            pre_activation = torch.nn.functional.linear(x, params[2 * gate], params[2 * gate + 1])
-            activation = torch.relu(pre_activation)
-            inputs[gate] = x
-            activations[gate] = activation
-            outputs[gate + 1] = activation + x
-        return _read(outputs, rows[:, -1], weight[:, -1]), outputs, inputs, activations
+            x = _read(table, rows[gate], slot_weight[gate]).view(members, batch, width)
+            y = outputs[gate + 1].view(members, batch, width)
+            torch.baddbmm(params[2 * gate + 1].unsqueeze(1), x, params[2 * gate].transpose(1, 2), out=y)
+            torch.gt(y, 0, out=active[gate].view(members, batch, width))
+            y.relu_().add_(x)
+        mixed = _read(table, rows[-1], slot_weight[-1]).view(members, batch, width)
+        return mixed, outputs, active
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _, index, weight, endorsed, *params = inputs
-        _, outputs, module_inputs, activations = output
-        ctx.mark_non_differentiable(outputs, module_inputs, activations)
+        _, outputs, active = output
+        ctx.mark_non_differentiable(outputs, active)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(index, weight, endorsed, outputs, module_inputs, activations, *params)
+        ctx.res_routing = endorsed is not None
+        saved_endorsed = endorsed if endorsed is not None else weight.new_empty(0)
+        ctx.save_for_backward(index, weight, saved_endorsed, outputs, active, *params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mixed, *_):  # type: ignore[override]
-        index, weight, endorsed, outputs, inputs, activations, *params = ctx.saved_tensors
-        num_modules, slots = index.shape[-2:]
-        rows = _flat_rows(index)
-        flat_outputs = outputs.flatten(0, 1)
-        grad_own = torch.zeros_like(outputs)  # d loss / d a^j (the module's own part)
-        grad_shortcut = torch.zeros_like(outputs)  # d loss / d x^j
-        grad_weight: list[torch.Tensor] = []
-        grad_params: list[torch.Tensor] = []
+        index, weight, endorsed, outputs, active, *params = ctx.saved_tensors
+        num_modules, members, batch, slots = index.shape
+        width = outputs.shape[-1]
+        rows, slot_weight = _flat_rows(index), weight.flatten(1, 2)  # [N, S, k]
+        table = outputs.flatten(0, 1)
+        # d loss / d x_j (the shortcut part) and d loss / d a_j (the module's own part); the
+        # same buffer without ResRouting
+        grad_shortcut = torch.zeros_like(outputs)
+        grad_own = torch.zeros_like(outputs) if ctx.res_routing else grad_shortcut
+        endorsed_weight = slot_weight * endorsed.flatten(1, 2) if ctx.res_routing else slot_weight
+        grad_weight: list[torch.Tensor] = []  # per gate [S, k], last gate first
+        grad_params: list[torch.Tensor | None] = []
 
-        def send(gate: int, grad_x: torch.Tensor, grad_x_tilde: torch.Tensor) -> None:
-            """Gate ``gate``'s gradients back to its sources and its mixing weights."""
-            both = grad_x + grad_x_tilde
-            grads = []
-            for slot in range(slots):
-                row = rows[:, gate, slot]
-                w = weight[:, gate, slot : slot + 1]
-                own = torch.addcmul(grad_x, endorsed[:, gate, slot : slot + 1], grad_x_tilde)
-                grads.append((flat_outputs.index_select(0, row) * both).sum(-1))
-                grad_shortcut.flatten(0, 1).index_add_(0, row, both * w)
-                grad_own.flatten(0, 1).index_add_(0, row, own * w)
-            grad_weight.append(torch.stack(grads, -1))
+        def send(gate: int, grad_x: torch.Tensor | None, grad_x_tilde: torch.Tensor) -> None:
+            """Gate ``gate``'s gradients ``[S, d]`` back to its sources and mixing weights."""
+            row = rows[gate].flatten()
+            both = grad_x_tilde if grad_x is None else grad_x + grad_x_tilde
+            sources = table.index_select(0, row).view(-1, slots, width)
+            grad_weight.append((sources * both.unsqueeze(1)).sum(-1))
+            grad_shortcut.flatten(0, 1).index_add_(0, row, (slot_weight[gate, ..., None] * both.unsqueeze(1)).flatten(0, 1))
+            if ctx.res_routing:
+                own = endorsed_weight[gate, ..., None] * grad_x_tilde.unsqueeze(1)
+                if grad_x is not None:
+                    own = torch.addcmul(own, slot_weight[gate, ..., None], grad_x.unsqueeze(1))
+                grad_own.flatten(0, 1).index_add_(0, row, own.flatten(0, 1))
 
-        send(num_modules - 1, torch.zeros_like(grad_mixed), grad_mixed)
+        send(num_modules - 1, None, grad_mixed.reshape(-1, width))
         for gate in reversed(range(num_modules - 1)):
-            grad_pre = torch.ops.aten.threshold_backward(grad_own[gate + 1], activations[gate], 0)
+            x = _read(table, rows[gate], slot_weight[gate])  # recomputed: cheaper than kept
+            grad_pre = (grad_own[gate + 1] * active[gate]).view(members, batch, width)
             if ctx.needs_input_grad[4]:  # skipped when the parameters are detached
-                grad_params += [grad_pre.sum(0), grad_pre.t() @ inputs[gate]]  # bias, weight
+                module_input = x.view(members, batch, width)
+                grad_params += [grad_pre.sum(1), torch.bmm(grad_pre.transpose(1, 2), module_input)]
             else:
                 grad_params += [None, None]
-            send(gate, grad_shortcut[gate + 1], grad_pre @ params[2 * gate])
+            grad_x_tilde = torch.bmm(grad_pre, params[2 * gate]).view(-1, width)
+            send(gate, grad_shortcut[gate + 1], grad_x_tilde)
         return (
-            grad_own[0],
+            grad_own[0].view(members, batch, width),
             None,
-            torch.stack(grad_weight[::-1], -2),
+            torch.stack(grad_weight[::-1]).view(num_modules, members, batch, slots),
             None,
             *grad_params[::-1],
         )
 
+    @staticmethod
+    def vmap(info, in_dims, first, index, weight, endorsed, *params):
+        """Fold the vmapped dimension ``V`` into the ensemble: ``E -> V * E``."""
+        size = info.batch_size
+
+        def fold(tensor: torch.Tensor | None, dim: int | None, ensemble_dim: int) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            if dim is None:
+                tensor = tensor.unsqueeze(0).expand(size, *tensor.shape)
+                dim = 0
+            tensor = tensor.movedim(dim, ensemble_dim)
+            return tensor.flatten(ensemble_dim, ensemble_dim + 1)
+
+        members = first.shape[1 if in_dims[0] == 0 or in_dims[0] is None else 0]
+        mixed, outputs, active = _ModuleChain.apply(
+            fold(first, in_dims[0], 0),
+            fold(index, in_dims[1], 1),
+            fold(weight, in_dims[2], 1),
+            fold(endorsed, in_dims[3], 1),
+            *[fold(p, d, 0) for p, d in zip(params, in_dims[4:])],
+        )
+
+        unfold = (mixed.unflatten(0, (size, -1)), outputs.unflatten(1, (size, -1)), active.unflatten(1, (size, -1)))
+        return unfold, (0, 1, 1)
+
 
 def _flat_rows(index: torch.Tensor) -> torch.Tensor:
-    """Sample ``b``'s source ``j`` -> row ``j * B + b`` of a flattened ``[N * B, d]`` buffer."""
-    batch = index.shape[0]
-    return index * batch + torch.arange(batch, device=index.device)[:, None, None]
+    """``[N, E, B, k]`` sources -> rows ``[N, E * B, k]`` of the flattened ``[N * E * B, d]``
+    buffer: member ``e``'s sample ``b`` reading source ``j`` is row ``j * E * B + e * B + b``."""
+    samples = index.shape[1] * index.shape[2]
+    sample = torch.arange(samples, device=index.device).view(1, samples, 1)
+    return index.flatten(1, 2) * samples + sample
 
 
-def _read(outputs: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``sum_r weight[:, r] * source_r`` for the sources at ``rows`` ``[B, k]`` of ``outputs``."""
-    sources = outputs.flatten(0, 1).index_select(0, rows.flatten()).unflatten(0, rows.shape)
-    mixed = sources[:, 0] * weight[:, :1]
-    for slot in range(1, rows.shape[-1]):  # k is small: one fused multiply-add per slot
-        mixed = torch.addcmul(mixed, sources[:, slot], weight[:, slot : slot + 1])
-    return mixed
+def _read(table: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum_r weight[:, r] * table[rows[:, r]]`` for ``rows``/``weight`` ``[S, k]``: ``[S, d]``."""
+    return torch.nn.functional.embedding_bag(rows, table, per_sample_weights=weight, mode="sum")
 
 
 def route_temperature_from_log_alpha(log_alpha: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,10 @@ __all__ = [
     "routing_mode",
     "set_routing_mode",
     "select_routes",
+    "select_sources",
+    "route_mask",
+    "slot_weights",
+    "slot_endorsement",
     "route_weights",
     "endorsement_mask",
     "route_depth",
@@ -88,6 +92,9 @@ class GateLayout(torch.nn.Module):
         valid: ``[N, N]`` bool, True where source ``j`` is a candidate of gate ``g``.
         num_candidates: ``[N]`` long, ``g + 1`` for each gate.
         endorse_threshold: ``[N]`` float, ``1 / (num_candidates + 1)`` (ResRouting).
+        slot_valid: ``[N, k]`` bool, True for the first ``min(k, g + 1)`` slots of gate ``g``
+            (the others are padding of gates with fewer than ``k`` candidates).
+        last_source: ``[N, 1]`` long, ``g``: the last candidate of gate ``g``.
     """
 
     def __init__(self, num_modules: int, top_k: int) -> None:
@@ -109,6 +116,9 @@ class GateLayout(torch.nn.Module):
         self.register_buffer("valid", valid, persistent=False)
         self.register_buffer("num_candidates", num_candidates, persistent=False)
         self.register_buffer("endorse_threshold", 1.0 / (num_candidates + 1.0), persistent=False)
+        slot_valid = torch.arange(top_k).unsqueeze(0) < num_candidates.unsqueeze(1)
+        self.register_buffer("slot_valid", slot_valid, persistent=False)
+        self.register_buffer("last_source", num_candidates.unsqueeze(1) - 1, persistent=False)
 
     @property
     def num_logits(self) -> int:
@@ -124,12 +134,58 @@ class GateLayout(torch.nn.Module):
         return padded.flatten(-2)[..., self.flat_index]
 
 
-def _topk_mask(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
-    """k-hot mask of the ``k`` largest valid scores per row; rows with fewer than ``k``
-    candidates select all of them."""
-    index = scores.topk(k, dim=-1).indices
-    mask = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, index, True)
-    return mask & valid
+def _topk_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns of the ``k`` largest scores per row in ascending order, ``[..., N, k]``.
+
+    A row ``g`` with fewer than ``k`` valid (finite) candidates gets all of them, then
+    columns ``> g`` (invalid). The order makes a replayed route sum its sources in the
+    same order as the pass that chose it (bit-identical outputs).
+    """
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def select_sources(
+    logits: torch.Tensor,
+    layout: GateLayout,
+    mode: RoutingMode,
+    temperature: torch.Tensor | None = None,
+    behaviour: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sources of every gate as column indices, ``[..., N, k]`` long.
+
+    Gate ``g``'s first ``min(k, g + 1)`` slots hold its selected sources in ascending order;
+    the remaining (padding) slots hold columns ``> g``, which are not candidates (see
+    ``GateLayout.slot_valid``).
+
+    Args:
+        logits: ``[..., N, N]`` padded logits (``-inf`` at invalid positions).
+        layout: the gate layout.
+        mode: routing mode.
+        temperature: ``[...]`` per-sample routing temperature (``SAMPLE``/``BEHAVIOUR``).
+        behaviour: ``[..., N(N+1)/2]`` bool stored route (``BEHAVIOUR``).
+    """
+    logits = logits.detach()
+    if mode is RoutingMode.TOPK:
+        return _topk_index(logits, layout.top_k)
+    if temperature is None:
+        raise ValueError(f"routing mode {mode.value!r} needs a per-sample temperature.")
+    uniform = torch.rand_like(logits).clamp(min=torch.finfo(logits.dtype).tiny, max=1.0)
+    gumbel = -torch.log(-torch.log(uniform))
+    sampled = _topk_index(logits / temperature[..., None, None] + gumbel, layout.top_k)
+    if mode is RoutingMode.SAMPLE:
+        return sampled
+    if behaviour is None:
+        raise ValueError("routing mode 'behaviour' needs the stored behaviour route.")
+    behaviour = behaviour.bool()
+    stored = _topk_index(layout.pad(behaviour, fill=False).to(logits.dtype), layout.top_k)
+    has_route = behaviour.any(-1)[..., None, None]
+    return torch.where(has_route, stored, sampled)
+
+
+def route_mask(index: torch.Tensor, layout: GateLayout) -> torch.Tensor:
+    """``[..., N, k]`` source indices -> ``[..., N, N]`` bool k-hot route (padding slots dropped)."""
+    mask = torch.zeros(*index.shape[:-1], layout.num_modules, dtype=torch.bool, device=index.device)
+    return mask.scatter(-1, index, True) & layout.valid
 
 
 def select_routes(
@@ -139,33 +195,23 @@ def select_routes(
     temperature: torch.Tensor | None = None,
     behaviour: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Choose the sources of every gate.
+    """Choose the sources of every gate as a mask: :func:`select_sources` as ``[..., N, N]``
+    bool with ``min(k, g + 1)`` True entries in row ``g``."""
+    return route_mask(select_sources(logits, layout, mode, temperature, behaviour), layout)
 
-    Args:
-        logits: ``[..., N, N]`` padded logits (``-inf`` at invalid positions).
-        layout: the gate layout.
-        mode: routing mode.
-        temperature: ``[...]`` per-sample routing temperature (``SAMPLE``/``BEHAVIOUR``).
-        behaviour: ``[..., N(N+1)/2]`` bool stored route (``BEHAVIOUR``).
 
-    Returns:
-        ``[..., N, N]`` bool, ``min(k, g + 1)`` True entries in row ``g``.
-    """
-    logits = logits.detach()
-    if mode is RoutingMode.TOPK:
-        return _topk_mask(logits, layout.valid, layout.top_k)
-    if temperature is None:
-        raise ValueError(f"routing mode {mode.value!r} needs a per-sample temperature.")
-    uniform = torch.rand_like(logits).clamp(min=torch.finfo(logits.dtype).tiny, max=1.0)
-    gumbel = -torch.log(-torch.log(uniform))
-    sampled = _topk_mask(logits / temperature[..., None, None] + gumbel, layout.valid, layout.top_k)
-    if mode is RoutingMode.SAMPLE:
-        return sampled
-    if behaviour is None:
-        raise ValueError("routing mode 'behaviour' needs the stored behaviour route.")
-    stored = layout.pad(behaviour.bool(), fill=False)
-    has_route = behaviour.bool().any(-1)[..., None, None]
-    return torch.where(has_route, stored, sampled)
+def slot_weights(logits: torch.Tensor, index: torch.Tensor, layout: GateLayout) -> torch.Tensor:
+    """Mixing weights ``[..., N, k]``: the softmax of the gate's logits restricted to its
+    selected sources (0 on padding slots). Equals :func:`route_weights` gathered at ``index``."""
+    selected = logits.gather(-1, index).masked_fill(~layout.slot_valid, float("-inf"))
+    return torch.softmax(selected, dim=-1)
+
+
+def slot_endorsement(logits: torch.Tensor, index: torch.Tensor, layout: GateLayout) -> torch.Tensor:
+    """ResRouting endorsement of each selected source, ``[..., N, k]`` bool: the
+    :func:`endorsement_mask` gathered at ``index`` (False on padding slots)."""
+    probs = torch.softmax(logits.detach(), dim=-1).gather(-1, index)
+    return (probs > layout.endorse_threshold[:, None]) & layout.slot_valid
 
 
 def route_weights(logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

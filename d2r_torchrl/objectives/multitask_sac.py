@@ -12,7 +12,7 @@ from torchrl.objectives import SACLoss
 from torchrl.objectives.sac import compute_rsample_log_prob
 from torchrl.objectives.common import add_random_module
 
-from d2r_torchrl.modules.actor_critic import ROUTE_KEY, d2r_networks, is_routed
+from d2r_torchrl.modules.actor_critic import ROUTE_KEY, d2r_networks
 from d2r_torchrl.modules.d2r import D2RNetwork, route_temperature_from_log_alpha
 from d2r_torchrl.modules.routing import RoutingMode, route_depth, set_routing_mode
 from d2r_torchrl.modules.task_conditioning import check_task_range, flatten_task_id
@@ -76,8 +76,7 @@ class MultiTaskSACLoss(SACLoss):
         time_limit_terminal: treat ``done`` (time limits included) as terminal, as the
             reference code did; by default only ``terminated`` stops bootstrapping.
         deactivate_vmap: run the twin critics one after the other instead of under
-            ``torch.vmap``. ``None`` picks it for D2R critics, whose batched backward
-            (data-dependent ``index_add_``) is much slower under vmap.
+            ``torch.vmap`` (under vmap, D2R critics run as one batched module chain).
     """
 
     def __init__(
@@ -92,7 +91,7 @@ class MultiTaskSACLoss(SACLoss):
         extreme_loss_threshold: float | None = 3000.0,
         time_limit_terminal: bool = False,
         action_spec=None,
-        deactivate_vmap: bool | None = None,
+        deactivate_vmap: bool = False,
     ) -> None:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
@@ -106,7 +105,7 @@ class MultiTaskSACLoss(SACLoss):
             alpha_init=alpha_init,
             action_spec=action_spec,
             delay_qvalue=True,
-            deactivate_vmap=is_routed(qvalue_network) if deactivate_vmap is None else deactivate_vmap,
+            deactivate_vmap=deactivate_vmap,
         )
         del self.log_alpha
         self.log_alpha = nn.Parameter(torch.full((num_tasks,), math.log(alpha_init), device=self.device))
