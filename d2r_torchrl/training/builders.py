@@ -14,7 +14,8 @@ from d2r_torchrl.data.replay import make_replay_buffer
 from d2r_torchrl.envs.metaworld import make_env, resolve_tasks
 from d2r_torchrl.modules.actor_critic import make_actor, make_critic
 from d2r_torchrl.objectives.multitask_sac import MultiTaskSACLoss
-from d2r_torchrl.training.config import RunConfig
+from d2r_torchrl.training.config import ConfigError, RunConfig
+from d2r_torchrl.training.update import UpdateFn, make_update
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,11 +91,32 @@ def make_optimizers(config: RunConfig, loss: MultiTaskSACLoss) -> dict[str, torc
     def trainable(params) -> list[torch.Tensor]:
         return [p for p in params.values(True, True) if p.requires_grad]
 
+    capturable = config.compile.cudagraphs  # optimiser state on the device, no host reads
     return {
-        "actor": torch.optim.Adam(trainable(loss.actor_network_params), lr=config.loss.actor_lr),
-        "critic": torch.optim.Adam(trainable(loss.qvalue_network_params), lr=config.loss.critic_lr),
-        "alpha": torch.optim.Adam([loss.log_alpha], lr=config.loss.alpha_lr),
+        "actor": torch.optim.Adam(trainable(loss.actor_network_params), lr=config.loss.actor_lr, capturable=capturable),
+        "critic": torch.optim.Adam(trainable(loss.qvalue_network_params), lr=config.loss.critic_lr, capturable=capturable),
+        "alpha": torch.optim.Adam([loss.log_alpha], lr=config.loss.alpha_lr, capturable=capturable),
     }
+
+
+def make_update_fn(
+    config: RunConfig, loss: MultiTaskSACLoss, optimizers: dict[str, torch.optim.Optimizer], target_updater: SoftUpdate
+) -> UpdateFn:
+    """The eager or compiled update of ``config.compile`` (see :func:`make_update`)."""
+    if config.compile.cudagraphs and loss.log_alpha.device.type != "cuda":
+        raise ConfigError(
+            f"compile.cudagraphs=true needs a CUDA device; the run is on {loss.log_alpha.device}."
+        )
+    return make_update(
+        loss,
+        optimizers,
+        target_updater,
+        config.loss.grad_clip_norm,
+        compile=config.compile.enabled,
+        mode=config.compile.mode,
+        backend=config.compile.backend,
+        cudagraphs=config.compile.cudagraphs,
+    )
 
 
 def make_buffer(config: RunConfig, num_tasks: int, scratch_dir: str | None, device: torch.device):

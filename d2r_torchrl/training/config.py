@@ -16,6 +16,7 @@ COLLECTORS = ("sync", "multi_sync", "multi_async")
 BUFFERS = ("prioritized", "stratified", "uniform")
 WARMUP_POLICIES = ("policy", "random")
 LOGGERS = ("csv", "tensorboard", "wandb")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,17 @@ class LogConfig:
 
 
 @dataclass
+class CompileConfig:
+    """``enabled``: ``torch.compile`` the update (``mode``/``backend`` passed on);
+    ``cudagraphs``: capture the update in a CUDA graph (CUDA devices only)."""
+
+    enabled: bool = False
+    mode: typing.Optional[str] = None
+    backend: str = "inductor"
+    cudagraphs: bool = False
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"
@@ -104,6 +116,7 @@ class RunConfig:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -229,6 +242,11 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("collector.warmup_policy", config.collector.warmup_policy, WARMUP_POLICIES)
     _choice("buffer.kind", config.buffer.kind, BUFFERS)
     _choice("log.backend", config.log.backend, LOGGERS)
+    _choice("compile.mode", config.compile.mode, COMPILE_MODES)
+    _require(
+        not (config.compile.cudagraphs and config.device.split(":")[0] == "cpu"),
+        "compile.cudagraphs=true needs a CUDA device; got device=cpu (use device=cuda or auto on a GPU machine).",
+    )
     positive = {
         "env.max_episode_steps": config.env.max_episode_steps,
         "env.reward_scale": config.env.reward_scale,

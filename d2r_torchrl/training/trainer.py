@@ -18,7 +18,7 @@ from d2r_torchrl.modules.actor_critic import num_route_logits
 from d2r_torchrl.training import builders, checkpointing
 from d2r_torchrl.training.config import ConfigError, RunConfig, validate
 from d2r_torchrl.training.evaluation import evaluate
-from d2r_torchrl.training.update import NonFiniteLossError, sac_update
+from d2r_torchrl.training.update import NonFiniteLossError, check_finite
 
 
 def make_logger(config: RunConfig, run_dir: Path) -> Logger:
@@ -61,6 +61,8 @@ class Trainer:
         self.actor = actor.to(self.device)
         self.loss, self.target_updater = builders.make_loss(config, self.actor, critic.to(self.device), self.num_tasks)
         self.optimizers = builders.make_optimizers(config, self.loss)
+        self._update_fn = builders.make_update_fn(config, self.loss, self.optimizers, self.target_updater)
+        self._checks_each_update = not (config.compile.enabled or config.compile.cudagraphs)
         self.buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
         self.num_route_logits = num_route_logits(self.actor)
         self.interleave_tasks = self.num_tasks if config.buffer.kind == "stratified" else None
@@ -106,18 +108,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ updates
     def update(self) -> TensorDictBase:
-        """Sample a batch and run :func:`sac_update` on it."""
+        """Sample a batch and run the configured update on it (see :func:`make_update`).
+
+        The eager update stops on a non-finite loss before any parameter changes; the
+        compiled one has no host synchronisation, and :meth:`_update_round` checks its
+        losses once per round instead.
+        """
         batch = self.buffer.sample().to(self.device)
         try:
-            losses = sac_update(self.loss, self.optimizers, self.target_updater, batch, self.config.loss.grad_clip_norm)
+            losses = self._update_fn(batch)
         except NonFiniteLossError as error:
-            raise NonFiniteLossError(
-                f"{error} At update {self.counters.updates}; the last good checkpoint in {self.run_dir} is kept."
-            ) from None
+            raise self._non_finite(error) from None
         if self.config.buffer.kind == "prioritized":
+            batch.set(self.loss.tensor_keys.priority, losses.get(self.loss.tensor_keys.priority))
             self.buffer.update_tensordict_priority(batch)
         self.counters.updates += 1
         return losses
+
+    def _non_finite(self, error: NonFiniteLossError) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"{error} At update {self.counters.updates}; the last good checkpoint in {self.run_dir} is kept."
+        )
 
     # --------------------------------------------------------------------- loop
     def train(self) -> dict[str, float]:
@@ -173,6 +184,11 @@ class Trainer:
             if self._stop_signal is not None:
                 break
         if losses is not None:
+            if not self._checks_each_update:
+                try:
+                    check_finite(losses, " The parameters of this process are not saved.")
+                except NonFiniteLossError as error:
+                    raise self._non_finite(error) from None
             self._update_rate = done / (time.perf_counter() - started)
             self._log_losses(losses)
 

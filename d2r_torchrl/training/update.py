@@ -1,11 +1,19 @@
-"""One multi-task SAC update, shared by the trainer and the benchmarks."""
+"""One multi-task SAC update, eager or compiled, shared by the trainer and the benchmarks."""
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 from tensordict import TensorDictBase
+from tensordict.nn import CudaGraphModule
 from torchrl.objectives import SoftUpdate
 
 from d2r_torchrl.objectives.multitask_sac import MultiTaskSACLoss
+
+LOSS_KEYS = ("loss_actor", "loss_qvalue", "loss_alpha")
+
+UpdateFn = Callable[[TensorDictBase], TensorDictBase]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -24,6 +32,33 @@ def clip_grad_norm_stacked_(params: list[torch.Tensor], max_norm: float) -> torc
     return norms
 
 
+def total_loss(losses: TensorDictBase) -> torch.Tensor:
+    """``loss_actor + loss_qvalue + loss_alpha``."""
+    return sum(losses[key] for key in LOSS_KEYS)
+
+
+def optimizer_step(
+    optimizers: dict[str, torch.optim.Optimizer], grad_clip_norm: float | None, stacked: tuple[str, ...]
+) -> None:
+    """Clip every network's gradient to ``grad_clip_norm`` (each member of the ``stacked``
+    ensembles on its own) and step its optimiser."""
+    for name, optimizer in optimizers.items():
+        params = optimizer.param_groups[0]["params"]
+        if grad_clip_norm is not None and name in stacked:
+            clip_grad_norm_stacked_(params, grad_clip_norm)
+        elif grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+        optimizer.step()
+
+
+def check_finite(losses: TensorDictBase, context: str = "") -> None:
+    """Raise :class:`NonFiniteLossError` when a loss is NaN or infinite (reads the losses on
+    the host: one synchronisation)."""
+    if not torch.isfinite(total_loss(losses)):
+        values = {key: float(losses[key]) for key in LOSS_KEYS}
+        raise NonFiniteLossError(f"Non-finite loss: {values}.{context}")
+
+
 def sac_update(
     loss: MultiTaskSACLoss,
     optimizers: dict[str, torch.optim.Optimizer],
@@ -34,23 +69,84 @@ def sac_update(
 ) -> TensorDictBase:
     """Loss, backward, gradient clipping of every network to ``grad_clip_norm`` (each critic
     of the ``stacked`` ensembles on its own), Adam steps, target soft update, temperature
-    refresh. Returns the detached loss TensorDict; writes ``td_error`` into ``batch``.
-    Raises :class:`NonFiniteLossError` before any parameter changes."""
+    refresh. Returns the detached loss TensorDict (with ``td_error`` ``[B]``); writes
+    ``td_error`` into ``batch``. Raises :class:`NonFiniteLossError` before any parameter
+    changes (one host synchronisation per call: the compiled update of
+    :func:`make_update` checks once per round instead)."""
     losses = loss(batch)
-    total = losses["loss_actor"] + losses["loss_qvalue"] + losses["loss_alpha"]
-    if not torch.isfinite(total):
-        values = {key: float(losses[key]) for key in ("loss_actor", "loss_qvalue", "loss_alpha")}
-        raise NonFiniteLossError(f"Non-finite loss: {values}.")
+    check_finite(losses)
+    step = functools.partial(optimizer_step, optimizers, grad_clip_norm, stacked)
+    return _apply(loss, optimizers, target_updater, batch, losses, step)
+
+
+def _apply(
+    loss: MultiTaskSACLoss,
+    optimizers: dict[str, torch.optim.Optimizer],
+    target_updater: SoftUpdate,
+    batch: TensorDictBase,
+    losses: TensorDictBase,
+    step: Callable[[], None],
+) -> TensorDictBase:
+    """Backward of ``losses``, ``step()`` (clipping and optimisers), target soft update and
+    temperature refresh; returns the detached losses with the batch's ``td_error``."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    for name, optimizer in optimizers.items():
-        params = optimizer.param_groups[0]["params"]
-        if grad_clip_norm is not None and name in stacked:
-            clip_grad_norm_stacked_(params, grad_clip_norm)
-        elif grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
-        optimizer.step()
+    total_loss(losses).backward()
+    step()
     target_updater.step()
     loss.after_update()
-    return losses.detach()
+    losses = losses.detach()
+    losses.set(loss.tensor_keys.priority, batch.get(loss.tensor_keys.priority))
+    return losses
+
+
+def make_update(
+    loss: MultiTaskSACLoss,
+    optimizers: dict[str, torch.optim.Optimizer],
+    target_updater: SoftUpdate,
+    grad_clip_norm: float | None = 1.0,
+    stacked: tuple[str, ...] = ("critic",),
+    *,
+    compile: bool = False,
+    mode: str | None = None,
+    backend: str = "inductor",
+    cudagraphs: bool = False,
+    cudagraph_warmup: int = 5,
+) -> UpdateFn:
+    """The update the trainer calls on each batch: ``update(batch) -> losses``.
+
+    Eager (``compile=False``, ``cudagraphs=False``): :func:`sac_update`, which checks the
+    losses before any parameter changes. Otherwise the same computation without that host
+    synchronisation (the caller checks the returned losses with :func:`check_finite`):
+
+    * ``compile``: the loss is compiled with ``torch.compile(fullgraph=True)`` (its backward
+      through AOTAutograd), the clipping and optimiser steps with ``torch.compile`` (PyTorch's
+      ``Optimizer.step`` breaks the graph around itself by design); D2R critics then run
+      one after the other (``loss.deactivate_vmap``), as Dynamo does not trace the vmapped
+      module chain. ``mode`` and ``backend`` go to ``torch.compile``.
+    * ``cudagraphs``: the whole update is captured in a CUDA graph with tensordict's
+      :class:`~tensordict.nn.CudaGraphModule` after ``cudagraph_warmup`` eager calls (CUDA
+      only; the optimisers must be built with ``capturable=True``).
+
+    ``tests/test_update.py`` checks that the compiled update gives the eager losses and
+    parameters on a fixed batch.
+    """
+    if not compile and not cudagraphs:
+        return functools.partial(
+            sac_update, loss, optimizers, target_updater, grad_clip_norm=grad_clip_norm, stacked=stacked
+        )
+    step = functools.partial(optimizer_step, optimizers, grad_clip_norm, stacked)
+    forward = loss
+    if compile:
+        if not loss.deactivate_vmap:
+            loss.deactivate_vmap = True
+            loss._make_vmap()
+        forward = torch.compile(loss, fullgraph=True, mode=mode, backend=backend)
+        step = torch.compile(step, mode=mode, backend=backend)  # Optimizer.step breaks the graph by design
+
+    def update(batch: TensorDictBase) -> TensorDictBase:
+        return _apply(loss, optimizers, target_updater, batch, forward(batch), step)
+
+    if cudagraphs:
+        return CudaGraphModule(update, in_keys=[], out_keys=[], warmup=cudagraph_warmup)
+    return update
