@@ -1,17 +1,24 @@
-"""Milliseconds per full multi-task SAC update, D2R vs Soft Modularization vs MT-SAC.
+"""Milliseconds per full multi-task SAC update: D2R, Soft Modularization, MH-SAC and MT-SAC,
+eager and (``--compile``) compiled, next to the D2R authors' implementation.
 
 One update = loss (twin critics under vmap), backward, per-network clipping and Adam
-steps, target soft update and route-temperature refresh (``sac_update``). Sizes: MT10
+steps, target soft update and route-temperature refresh (``make_update``). Sizes: MT10
 (T=10, batch 1,280) and MT50 (T=50, batch 6,400), all measured in one run; the headline
-is the ratio to MT-SAC.
+is the ratio to MT-SAC and, with ``--reference DIR`` (a checkout of GitHub
+``DarkDawn233/D2R_MTRL``, run in its own process by ``reference_update.py``), the
+authors' D2R update time over ours.
 
-    python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--device auto] [--json out.json]
+    python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--device auto]
+        [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from tensordict import TensorDict
@@ -20,13 +27,12 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from d2r_torchrl.modules import make_actor, make_critic
 from d2r_torchrl.training import builders
-from d2r_torchrl.training.config import preset
-from d2r_torchrl.training.update import sac_update
+from d2r_torchrl.training.config import apply_overrides, preset
 
 SIZES = {"MT10": (10, 1280), "MT50": (50, 6400)}
-ARCHITECTURES = ("d2r", "soft_modular", "mt_sac")
+ARCHITECTURES = ("d2r", "soft_modular", "mh_sac", "mt_sac")
 OBS, ACT = 39, 4
-REFERENCE_MS = {"MT10": 650.0, "MT50": 7700.0}
+HERE = Path(__file__).resolve().parent
 
 
 def synthetic_batch(actor, num_tasks: int, batch_size: int, device: torch.device) -> TensorDict:
@@ -45,27 +51,49 @@ def synthetic_batch(actor, num_tasks: int, batch_size: int, device: torch.device
     return batch
 
 
-def time_update(architecture: str, num_tasks: int, batch_size: int, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of one update after two warm-up updates."""
-    config = preset(architecture, "MT50" if num_tasks > 10 else "MT10")
+def time_update(
+    architecture: str, num_tasks: int, batch_size: int, repeats: int, device: torch.device, compile_overrides: list[str]
+) -> float:
+    """Median milliseconds of one update, after warm-up updates (more when compiling)."""
+    config = apply_overrides(preset(architecture, "MT50" if num_tasks > 10 else "MT10"), compile_overrides)
     spec = Bounded(-1.0, 1.0, (ACT,), device=device)
     kwargs = builders.network_kwargs(config)
     actor = make_actor(architecture, OBS, spec, num_tasks, **kwargs).to(device)
     critic = make_critic(architecture, OBS, ACT, num_tasks, **kwargs).to(device)
     loss, updater = builders.make_loss(config, actor, critic, num_tasks)
     optimizers = builders.make_optimizers(config, loss)
+    update = builders.make_update_fn(config, loss, optimizers, updater)
     batch = synthetic_batch(actor, num_tasks, batch_size, device)
+    warmup = 8 if compile_overrides else 2
     times = []
-    for i in range(repeats + 2):
+    for i in range(repeats + warmup):
+        sample = batch.clone()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        sac_update(loss, optimizers, updater, batch.clone())
+        update(sample)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[len(times) // 2]
+
+
+def reference_times(reference: str | None, sizes: list[str], repeats: int) -> dict[str, float]:
+    """The authors' ms per update (CPU, this process's thread count), or {} with a note."""
+    if reference is None:
+        print("authors' implementation: not measured (pass --reference DIR, a checkout of DarkDawn233/D2R_MTRL)")
+        return {}
+    if not (Path(reference) / "torchrl" / "algo" / "mt_sac.py").exists():
+        print(f"authors' implementation: {reference} is not a checkout of DarkDawn233/D2R_MTRL; not measured")
+        return {}
+    command = [sys.executable, str(HERE / "reference_update.py"), reference, "--sizes", *sizes,
+               "--repeats", str(repeats), "--threads", str(torch.get_num_threads())]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=reference)
+    if result.returncode != 0:
+        print(f"authors' implementation failed to run; not measured:\n{result.stderr[-2000:]}")
+        return {}
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -74,23 +102,38 @@ def main() -> None:
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled update (compile.enabled)")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    parser.add_argument("--cudagraphs", action="store_true", help="compiled rows also capture CUDA graphs")
+    parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL (CPU only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = builders.resolve_device(args.device)
-    results = {}
+    variants = {"eager": []}
+    if args.compile:
+        variants["compiled"] = ["compile.enabled=true"] + (
+            [f"compile.mode={args.compile_mode}"] if args.compile_mode else []
+        ) + (["compile.cudagraphs=true", f"device={device}"] if args.cudagraphs else [])
+    reference = reference_times(args.reference, args.sizes, args.repeats) if device.type == "cpu" else {}
+    results: dict = {"device": str(device), "threads": torch.get_num_threads(), "reference_ms": reference}
     print(f"device: {device}, torch threads: {torch.get_num_threads()}")
-    print(f"{'size':6} {'architecture':14} {'ms/update':>10} {'x MT-SAC':>9} {'reference / ours':>17}")
+    print(f"{'size':6} {'update':9} {'architecture':14} {'ms/update':>10} {'x MT-SAC':>9} {'authors / ours':>15}")
     for size in args.sizes:
         num_tasks, batch_size = SIZES[size]
-        times = {arch: time_update(arch, num_tasks, batch_size, args.repeats, device) for arch in args.architectures}
-        for arch, ms in times.items():
-            ratio = ms / times["mt_sac"] if "mt_sac" in times else float("nan")
-            speedup = REFERENCE_MS[size] / ms if arch == "d2r" else float("nan")
-            print(f"{size:6} {arch:14} {ms:10.1f} {ratio:9.2f} {speedup:17.1f}")
-        results[size] = times
+        for variant, overrides in variants.items():
+            times = {
+                arch: time_update(arch, num_tasks, batch_size, args.repeats, device, overrides)
+                for arch in args.architectures
+            }
+            for arch, ms in times.items():
+                ratio = ms / times["mt_sac"] if "mt_sac" in times else float("nan")
+                speedup = reference[size] / ms if arch == "d2r" and size in reference else float("nan")
+                print(f"{size:6} {variant:9} {arch:14} {ms:10.1f} {ratio:9.2f} {speedup:15.1f}")
+            results.setdefault("ms_per_update", {}).setdefault(variant, {})[size] = times
+        if size in reference:
+            print(f"{size:6} {'authors':9} {'d2r':14} {reference[size]:10.1f}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": str(device), "ms_per_update": results}, handle, indent=2)
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """All speed figures in one run: env throughput, ms per update, end-to-end training, memory.
 
-    python benchmarks/speed_suite.py [--quick] [--out benchmarks/out/speed]
+    python benchmarks/speed_suite.py [--quick] [--compile] [--reference DIR] [--out benchmarks/out/speed]
 
 Each part runs in its own process (so its peak resident memory is measured alone) on the
 current machine: updates on the CPU and, when present, on CUDA; the end-to-end recipe on
@@ -60,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer frames and repeats (a smoke run)")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "speed")
+    parser.add_argument("--compile", action="store_true", help="also time compiled updates")
+    parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL, timed side by side")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env_json = args.out / "env.json"
@@ -68,10 +70,16 @@ def main() -> None:
     results = {"env": json.loads(env_json.read_text()), "update": {}, "peak_mib": {"env_benchmark": env_peak}}
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         update_json = args.out / f"update_{device}.json"
+        extra = (["--compile"] if args.compile else []) + (["--reference", args.reference] if args.reference else [])
+        if device == "cuda" and args.compile:
+            extra.append("--cudagraphs")
         _, peak = run_part(
-            [sys.executable, str(HERE / "bench_update.py"), "--repeats", repeats, "--device", device, "--json", str(update_json)]
+            [sys.executable, str(HERE / "bench_update.py"), "--repeats", repeats, "--device", device,
+             "--json", str(update_json), *extra]
         )
-        results["update"][device] = json.loads(update_json.read_text())["ms_per_update"]
+        update = json.loads(update_json.read_text())
+        results["update"][device] = update["ms_per_update"]
+        results.setdefault("authors_ms", {})[device] = update["reference_ms"]
         results["peak_mib"][f"update_benchmark_{device}"] = peak
     results["end_to_end_mt10"] = {algorithm: end_to_end(args.out, algorithm, rounds, 50) for algorithm in ("d2r", "mt_sac")}
     (args.out / "speed.json").write_text(json.dumps(results, indent=2))
@@ -84,10 +92,15 @@ def markdown(results: dict) -> str:
     env = results["env"]
     raw = env["fps"]["raw"]
     lines += [f"| {name} | {fps:.0f} | {fps / raw:.2f} |" for name, fps in env["fps"].items()]
-    lines += ["", "| device | size | architecture | ms/update | x MT-SAC |", "|---|---|---|---|---|"]
-    for device, sizes in results["update"].items():
-        for size, times in sizes.items():
-            lines += [f"| {device} | {size} | {arch} | {ms:.1f} | {ms / times['mt_sac']:.2f} |" for arch, ms in times.items()]
+    lines += ["", "| device | size | update | architecture | ms/update | x MT-SAC | authors / ours |", "|---|---|---|---|---|---|---|"]
+    for device, variants in results["update"].items():
+        authors = results.get("authors_ms", {}).get(device, {})
+        for variant, sizes in variants.items():
+            for size, times in sizes.items():
+                for arch, ms in times.items():
+                    speedup = f"{authors[size] / ms:.1f}" if arch == "d2r" and size in authors else ""
+                    lines.append(f"| {device} | {size} | {variant} | {arch} | {ms:.1f} | {ms / times['mt_sac']:.2f} | {speedup} |")
+        lines += [f"| {device} | {size} | authors' code | d2r | {ms:.1f} | | |" for size, ms in authors.items()]
     e2e = results["end_to_end_mt10"]
     lines += ["", "| MT10 recipe, end to end | frames | updates | seconds | frames/s | x MT-SAC | peak MiB |"]
     lines += ["|---|---|---|---|---|---|---|"]

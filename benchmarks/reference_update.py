@@ -1,0 +1,127 @@
+"""Milliseconds per update of the D2R authors' implementation (``MTSAC`` with
+``DepthRoutePolicy`` / ``FlattenDepthRouteNet``, their MT10/MT50 configuration).
+
+Their package is also called ``torchrl``, so this script runs in its own process with the
+checkout first on ``sys.path``; ``bench_update.py --reference DIR`` starts it. Nothing of
+their code is part of this repository: pass a checkout of GitHub ``DarkDawn233/D2R_MTRL``.
+
+    python benchmarks/reference_update.py DIR [--sizes MT10 MT50] [--repeats 5] [--threads N]
+
+Prints one JSON object ``{"MT10": ms, ...}`` (median over ``repeats`` after two warm-up
+updates) on its last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+SIZES = {"MT10": (10, 1280), "MT50": (50, 6400)}
+OBS, ACT = 39, 4
+
+
+def network_kwargs(num_tasks: int, base_type) -> dict:
+    """Their ``config/mt*/depthroute_rand.json`` network section."""
+    return dict(
+        base_type=base_type,
+        hidden_shapes=[400, 400],
+        em_hidden_shapes=[400],
+        module_hidden=128,
+        module_num=16,
+        gate_hiddens=[256, 256],
+        top_k=2,
+        rescale_prob=True,
+        route_as_sample=True,
+        use_resnet=True,
+        resrouting=True,
+        task_num=num_tasks,
+        explore_sample=True,
+        temperature_sample=True,
+    )
+
+
+def synthetic_batch(num_tasks: int, batch_size: int) -> dict:
+    """Their replay layout: ``[batch / T, T, ...]`` numpy arrays, observation ⊕ one-hot."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    per_task = batch_size // num_tasks
+    onehot = np.broadcast_to(np.eye(num_tasks, dtype=np.float32), (per_task, num_tasks, num_tasks))
+
+    def observations():
+        return np.concatenate([rng.standard_normal((per_task, num_tasks, OBS), dtype=np.float32), onehot], -1)
+
+    gates = np.zeros((per_task, num_tasks, 16 * 17 // 2), dtype=np.float32)
+    offset = 0
+    for gate in range(16):  # a valid k-hot route: the first min(2, gate + 1) sources of every gate
+        gates[..., offset : offset + min(2, gate + 1)] = 1.0
+        offset += gate + 1
+    return {
+        "obs": observations(),
+        "next_obs": observations(),
+        "acts": rng.uniform(-1, 1, (per_task, num_tasks, ACT)).astype(np.float32),
+        "rewards": rng.standard_normal((per_task, num_tasks, 1), dtype=np.float32),
+        "terminals": np.zeros((per_task, num_tasks, 1), dtype=np.float32),
+        "task_idxs": np.broadcast_to(np.arange(num_tasks, dtype=np.int64)[None, :, None], (per_task, num_tasks, 1)).copy(),
+        "gates_onehot": gates,
+    }
+
+
+def time_reference(num_tasks: int, batch_size: int, repeats: int) -> float:
+    import torch
+    import torchrl.networks as networks  # the checkout's package
+    import torchrl.policies as policies
+    from torchrl.algo import MTSAC
+
+    kwargs = network_kwargs(num_tasks, networks.BASENET_DICT["mlp"])
+    policy = policies.POLICY_DICT["DepthRoutePolicy"](input_shape=[OBS, num_tasks], output_shape=2 * ACT, **kwargs)
+    critics = [
+        networks.NETWORK_DICT["FlattenDepthRouteNet"](input_shape=[OBS + ACT, num_tasks], output_shape=1, **kwargs)
+        for _ in range(2)
+    ]
+    agent = MTSAC(
+        algo_name="depthroute",
+        env_info={"task_nums": num_tasks, "action_shape": (ACT,)},
+        save_dir=tempfile.mkdtemp(prefix="d2r_reference_"),
+        pf=policy,
+        qf1=critics[0],
+        qf2=critics[1],
+        discount=0.99,
+        tau=0.005,
+        plr=3e-4,
+        qlr=3e-4,
+        batch_size=batch_size,
+        max_log_alpha=0.0,
+        temp_reweight=True,
+        mask_extreme_task=True,
+        task_loss_threshold=3e3,
+    )
+    batch = synthetic_batch(num_tasks, batch_size)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        agent.update(batch)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reference", help="checkout of DarkDawn233/D2R_MTRL")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    sys.path.insert(0, args.reference)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps({size: time_reference(*SIZES[size], args.repeats) for size in args.sizes}))
+
+
+if __name__ == "__main__":
+    main()
