@@ -189,7 +189,7 @@ class _ModuleChain(torch.autograd.Function):
         members, batch, width = first.shape
         num_modules = index.shape[0]
         rows, slot_weight = _flat_rows(index), weight.flatten(1, 2)
-        outputs = first.new_empty((num_modules, members * batch, width))
+        outputs = torch.empty((num_modules, members * batch, width), dtype=first.dtype, device=first.device)
         active = torch.empty(outputs[1:].shape, dtype=torch.bool, device=first.device)
         outputs[0] = first.reshape(-1, width)
         table = outputs.flatten(0, 1)
@@ -209,7 +209,7 @@ class _ModuleChain(torch.autograd.Function):
         ctx.mark_non_differentiable(outputs, active)
         ctx.set_materialize_grads(False)
         ctx.res_routing = endorsed is not None
-        saved_endorsed = endorsed if endorsed is not None else weight.new_empty(0)
+        saved_endorsed = endorsed if endorsed is not None else torch.empty(0, dtype=weight.dtype, device=weight.device)
         ctx.save_for_backward(index, weight, saved_endorsed, outputs, active, *params)
 
     @staticmethod
