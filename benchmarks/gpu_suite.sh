@@ -29,7 +29,7 @@
 # Device-tool calls, in order (the persistence of the run directory: it lives in .gpu/,
 # ignored by git; `carry` sends it to the machine and the train step sends it back packed
 # under $OUT, because a machine keeps nothing once it has been idle 30 s):
-#   here:  bash benchmarks/gpu_wheels.sh            (once: .whl/, ~25 MiB)
+#   here:  bash benchmarks/gpu_wheels.sh            (once: .whl/, 23 MiB)
 #   1. run(command="bash benchmarks/gpu_suite.sh tests speed", carry=[".whl"], timeout_s=600)
 #   2. run(command="bash benchmarks/gpu_suite.sh train", carry=[".whl", ".gpu"], timeout_s=600)
 #      here:  bash benchmarks/gpu_suite.sh unpack FILES_AT && bash benchmarks/gpu_suite.sh size
@@ -40,9 +40,10 @@
 #
 # Limits, worked out for D2R MT10 (reference networks):
 #   - The checkpoint (actor, twin critics and their targets, Adam moments, temperatures)
-#     is ~29 MiB; the wheels ~25 MiB after slimming Meta-World; the repository < 1 MiB.
-#     Together ~55 MiB of the 64 MiB a call may carry. With Meta-World's full wheel
-#     (35 MiB) they would not fit.
+#     is 29 MiB once updates have run, 13 MiB before; the wheels 23 MiB after slimming
+#     Meta-World; the repository < 1 MiB: 53 MiB of the 64 MiB a call may carry (`size`
+#     checks it). With Meta-World's full wheel (35 MiB instead of 12) they would not fit.
+#     The packed run directory comes back in 2 pieces of at most 15 MiB (16 MiB per file).
 #   - The replay buffer is not saved (buffer.in_checkpoint=false): 1M transitions are
 #     ~0.5 GB, far beyond 64 MiB, and any capacity small enough to travel would change the
 #     algorithm. Each resumed call refills it: the 20 warm-up rounds (40,000 frames with
@@ -51,7 +52,7 @@
 #     so that a short call still adds points to the curve and a kill loses little;
 #     evaluation settings change no training setting.
 # Settings for a dry run on a machine without a GPU: REQUIRE_CUDA=0, WHEEL_DIR, SITE,
-# STATE, OUT, TRAIN_SECONDS (see below).
+# STATE, OUT and the time limits and overrides below.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -65,11 +66,19 @@ OUT=${OUT:-$ROOT/benchmarks/out/gpu}
 REQUIRE_CUDA=${REQUIRE_CUDA:-1}
 TRAIN_SECONDS=${TRAIN_SECONDS:-420}
 STOP_GRACE=${STOP_GRACE:-90}
+# Time limits of the other parts: tests + speed fit one call (150 + 90 + 300 s + set-up);
+# each compiled variant adds up to BENCH_SECONDS, so with them run speed in its own call.
+TESTS_SECONDS=${TESTS_SECONDS:-150}
+BENCH_SECONDS=${BENCH_SECONDS:-90}
+SUITE_SECONDS=${SUITE_SECONDS:-300}
 PART_SIZE=15M
 LIMIT_BYTES=$((64 * 1048576))
 # Extra bench_update.py arguments, one string per compiled variant of the update (eager
 # runs first without any); empty until the update benchmark has compiled variants.
 COMPILED_UPDATE_ARGS=()
+# More overrides for the end-to-end recipe runs of speed_suite.py, space-separated, e.g.
+# SPEED_EXTRA="collector.kind=multi_sync collector.num_workers=5" to compare collectors.
+read -r -a SPEED_EXTRA <<< "${SPEED_EXTRA:-}"
 # Overrides for a new training run (a resumed run keeps its saved configuration).
 TRAIN_OVERRIDES=(
   env.goals=random
@@ -78,11 +87,14 @@ TRAIN_OVERRIDES=(
   log.checkpoint_interval_rounds=10
   log.progress_bar=false
 )
+# More overrides for a new run, space-separated, e.g. the collector chosen by the speed
+# step: TRAIN_EXTRA="collector.kind=multi_sync collector.num_workers=5".
+read -r -a TRAIN_EXTRA <<< "${TRAIN_EXTRA:-}"
 
 die() { echo "error: $*" >&2; exit 1; }
 
 python_path() {
-  export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  [[ :${PYTHONPATH:-}: == *:$SITE:$ROOT:* ]] || export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
   export PYTHONUNBUFFERED=1
 }
 
@@ -98,7 +110,7 @@ setup() {
   BUFFER_KIND=$(python3 -c "from d2r_torchrl._extension import require_torchrl_extension as r; r()" 2>/dev/null \
     && echo prioritized || echo stratified)
   {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi: not available"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
     python3 - <<'EOF'
 import os, platform
 from importlib.metadata import version
@@ -116,19 +128,19 @@ EOF
 }
 
 step_tests() {
-  timeout 480 python3 -m pytest -m cuda -rs -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
+  timeout "$TESTS_SECONDS" python3 -m pytest -m cuda -rs -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log"
 }
 
 step_speed() {
   local i
-  timeout 150 python3 benchmarks/bench_update.py --device cuda --repeats 20 --json "$OUT/update_cuda_eager.json" 2>&1 | tee "$OUT/speed.log"
+  timeout "$BENCH_SECONDS" python3 benchmarks/bench_update.py --device cuda --repeats 20 --json "$OUT/update_cuda_eager.json" 2>&1 | tee "$OUT/speed.log"
   for i in "${!COMPILED_UPDATE_ARGS[@]}"; do
     # shellcheck disable=SC2086  # each entry is a list of arguments
-    timeout 150 python3 benchmarks/bench_update.py --device cuda --repeats 20 ${COMPILED_UPDATE_ARGS[$i]} \
+    timeout "$BENCH_SECONDS" python3 benchmarks/bench_update.py --device cuda --repeats 20 ${COMPILED_UPDATE_ARGS[$i]} \
       --json "$OUT/update_cuda_compiled$i.json" 2>&1 | tee -a "$OUT/speed.log"
   done
   rm -rf /tmp/speed
-  timeout 330 python3 benchmarks/speed_suite.py --out /tmp/speed --set "buffer.kind=$BUFFER_KIND" 2>&1 | tee -a "$OUT/speed.log"
+  timeout "$SUITE_SECONDS" python3 benchmarks/speed_suite.py --out /tmp/speed --set "buffer.kind=$BUFFER_KIND" "${SPEED_EXTRA[@]}" 2>&1 | tee -a "$OUT/speed.log"
   cp /tmp/speed/speed.json /tmp/speed/speed.md "$OUT/" 2>/dev/null || echo "speed_suite.py did not finish: see speed.log"
 }
 
@@ -139,7 +151,7 @@ step_train() {
     args=(--resume "$RUN_DIR")
   else
     rm -rf "$RUN_DIR"
-    args=("${TRAIN_OVERRIDES[@]}" "buffer.kind=$BUFFER_KIND" "log.root=$STATE" "log.name=$RUN_NAME")
+    args=("${TRAIN_OVERRIDES[@]}" "buffer.kind=$BUFFER_KIND" "${TRAIN_EXTRA[@]}" "log.root=$STATE" "log.name=$RUN_NAME")
   fi
   echo "python3 recipes/d2r_mt10.py ${args[*]}  (SIGINT after ${TRAIN_SECONDS} s)" | tee "$OUT/train.log"
   started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
