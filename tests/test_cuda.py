@@ -44,7 +44,7 @@ TINY = [
     "collector.updates_per_round=2",
     "collector.total_steps_per_task=30",
     "env.max_episode_steps=10",
-    "buffer.kind=stratified",
+    "buffer.kind=stratified",  # needs no compiled torchrl extension, which may not match the torch there
     "buffer.batch_size_per_task=4",
     "buffer.capacity=1000",
     "eval.interval_rounds=3",
@@ -52,8 +52,6 @@ TINY = [
     "log.progress_bar=false",
     "device=auto",
 ]
-
-
 
 
 def needs_cuda(test):
@@ -100,11 +98,11 @@ def fixed_batch(actor, seed: int) -> TensorDict:
     return batch
 
 
-def build_update(architecture: str, device: torch.device, dtype: torch.dtype, weights: dict | None):
-    """Reference-size networks, loss, target updater and optimisers on ``device``/``dtype``,
-    holding ``weights`` (a loss state dict) when given."""
+def build_update(architecture: str, device: torch.device, dtype: torch.dtype, weights: dict | None, network: dict):
+    """Networks (reference sizes updated with ``network``), loss, target updater and
+    optimisers on ``device``/``dtype``, holding ``weights`` (a loss state dict) when given."""
     config = preset(architecture, "MT10")
-    kwargs = builders.network_kwargs(config)
+    kwargs = {**builders.network_kwargs(config), **network}
     spec = Bounded(-1.0, 1.0, (ACT,), device=device)
     actor = make_actor(architecture, OBS, spec, TASKS, **kwargs).to(device)
     critic = make_critic(architecture, OBS, ACT, TASKS, **kwargs).to(device)
@@ -119,10 +117,12 @@ def build_update(architecture: str, device: torch.device, dtype: torch.dtype, we
     return actor, loss, updater, optimizers, config.loss.grad_clip_norm
 
 
-def run_update(architecture: str, device: torch.device, dtype: torch.dtype, weights: dict, batch: TensorDict, seed: int) -> dict:
+def run_update(
+    architecture: str, device: torch.device, dtype: torch.dtype, weights: dict, batch: TensorDict, seed: int, network: dict
+) -> dict:
     """One ``sac_update`` on ``batch``; its losses, ``td_error``, clipped gradients and the
     loss's state afterwards, all on the CPU in float64."""
-    _, loss, updater, optimizers, clip = build_update(architecture, device, dtype, weights)
+    _, loss, updater, optimizers, clip = build_update(architecture, device, dtype, weights, network)
     batch = batch.apply(lambda x: x.to(dtype) if x.is_floating_point() else x).to(device)
     with noise_from_cpu(seed):
         losses = sac_update(loss, optimizers, updater, batch, clip)
@@ -149,9 +149,9 @@ def assert_same_update(got: dict, expected: dict) -> None:
     torch.testing.assert_close(got["td_error"], expected["td_error"], rtol=1e-4, atol=1e-4 * scale)
 
 
-def reference_weights_and_batch(architecture: str, seed: int) -> tuple[dict, TensorDict]:
+def reference_weights_and_batch(architecture: str, seed: int, network: dict) -> tuple[dict, TensorDict]:
     torch.manual_seed(seed)
-    actor, loss, *_ = build_update(architecture, torch.device("cpu"), torch.float32, None)
+    actor, loss, *_ = build_update(architecture, torch.device("cpu"), torch.float32, None, network)
     return {k: v.clone() for k, v in loss.state_dict().items()}, fixed_batch(actor, seed)
 
 
@@ -166,14 +166,17 @@ def highest_float32_precision() -> Iterator[None]:
 
 def test_update_harness_float32_matches_float64_on_cpu():
     # The harness the CUDA comparison uses: float32 against a float64 reference on the CPU,
-    # with different global seeds (all randomness must come from noise_from_cpu).
-    weights, batch = reference_weights_and_batch("d2r", seed=0)
+    # with different global seeds (all randomness must come from noise_from_cpu); narrower
+    # modules than the reference keep it quick.
+    network = dict(module_width=32)
+    weights, batch = reference_weights_and_batch("d2r", 0, network)
+    cpu = torch.device("cpu")
     torch.manual_seed(1)
-    expected = run_update("d2r", torch.device("cpu"), torch.float64, weights, batch, seed=7)
+    expected = run_update("d2r", cpu, torch.float64, weights, batch, 7, network)
     torch.manual_seed(2)
-    got = run_update("d2r", torch.device("cpu"), torch.float32, weights, batch, seed=7)
+    got = run_update("d2r", cpu, torch.float32, weights, batch, 7, network)
     assert_same_update(got, expected)
-    other_noise = run_update("d2r", torch.device("cpu"), torch.float32, weights, batch, seed=8)
+    other_noise = run_update("d2r", cpu, torch.float32, weights, batch, 8, network)
     with pytest.raises(AssertionError):
         assert_same_update(other_noise, expected)
 
@@ -182,9 +185,9 @@ def test_update_harness_float32_matches_float64_on_cpu():
 @pytest.mark.usefixtures("highest_float32_precision")
 @needs_cuda
 def test_update_on_cuda_equals_update_on_cpu(architecture):
-    weights, batch = reference_weights_and_batch(architecture, seed=0)
-    expected = run_update(architecture, torch.device("cpu"), torch.float32, weights, batch, seed=7)
-    got = run_update(architecture, torch.device("cuda"), torch.float32, weights, batch, seed=7)
+    weights, batch = reference_weights_and_batch(architecture, 0, {})
+    expected = run_update(architecture, torch.device("cpu"), torch.float32, weights, batch, 7, {})
+    got = run_update(architecture, torch.device("cuda"), torch.float32, weights, batch, 7, {})
     assert_same_update(got, expected)
 
 
