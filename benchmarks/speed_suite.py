@@ -1,10 +1,12 @@
 """All speed figures in one run: env throughput, ms per update, end-to-end training, memory.
 
     python benchmarks/speed_suite.py [--quick] [--compile] [--reference DIR] [--out benchmarks/out/speed]
+        [--set KEY=VALUE ...]
 
 Each part runs in its own process (so its peak resident memory is measured alone) on the
 current machine: updates on the CPU and, when present, on CUDA; the end-to-end recipe on
-the device ``device=auto`` picks. Results go to ``speed.json`` and a markdown table
+the device ``device=auto`` picks, with the ``--set`` overrides (e.g. ``buffer.kind=stratified``
+where torchrl's compiled extension is missing). Results go to ``speed.json`` and a markdown table
 ``speed.md``. Ratios are the headline: this machine's absolute times vary.
 """
 from __future__ import annotations
@@ -38,9 +40,9 @@ def run_part(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def end_to_end(out: Path, algorithm: str, rounds: int, updates: int) -> dict:
+def end_to_end(out: Path, algorithm: str, rounds: int, updates: int, extra: list[str]) -> dict:
     """``recipes/<algorithm>_mt10.py`` for ``rounds`` rounds of 200 steps per task and
-    ``updates`` updates each (the first round is warm-up), no evaluation."""
+    ``updates`` updates each (the first round is warm-up), no evaluation; ``extra`` overrides last."""
     overrides = [
         f"collector.total_steps_per_task={200 * rounds}",
         "collector.warmup_rounds=1",
@@ -49,6 +51,7 @@ def end_to_end(out: Path, algorithm: str, rounds: int, updates: int) -> dict:
         "log.progress_bar=false",
         f"log.root={out}",
         f"log.name=end_to_end_{algorithm}",
+        *extra,
     ]
     shutil.rmtree(out / f"end_to_end_{algorithm}", ignore_errors=True)
     wall, peak = run_part([sys.executable, str(RECIPES / f"{algorithm}_mt10.py"), *overrides])
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "out" / "speed")
     parser.add_argument("--compile", action="store_true", help="also time compiled updates")
     parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL, timed side by side")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides for the end-to-end recipe runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env_json = args.out / "env.json"
@@ -81,7 +86,7 @@ def main() -> None:
         results["update"][device] = update["ms_per_update"]
         results.setdefault("authors_ms", {})[device] = update["reference_ms"]
         results["peak_mib"][f"update_benchmark_{device}"] = peak
-    results["end_to_end_mt10"] = {algorithm: end_to_end(args.out, algorithm, rounds, 50) for algorithm in ("d2r", "mt_sac")}
+    results["end_to_end_mt10"] = {algorithm: end_to_end(args.out, algorithm, rounds, 50, args.overrides) for algorithm in ("d2r", "mt_sac")}
     (args.out / "speed.json").write_text(json.dumps(results, indent=2))
     (args.out / "speed.md").write_text(markdown(results))
     print(markdown(results))

@@ -1,6 +1,7 @@
-"""d2r-torchrl: Dynamic Depth Routing multi-task RL as TorchRL components."""
-from d2r_torchrl._extension import require_torchrl_extension
+"""d2r-torchrl: Dynamic Depth Routing multi-task RL as TorchRL components.
 
-require_torchrl_extension()
+Importing the package needs no compiled torchrl extension; building a prioritized replay
+buffer checks for it (:func:`d2r_torchrl.data.replay.make_replay_buffer`).
+"""
 
 __version__ = "0.1.0"

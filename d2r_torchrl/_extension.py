@@ -1,19 +1,26 @@
-"""Fail fast when torchrl's compiled extension (needed by prioritized replay) is missing."""
+"""Check for torchrl's compiled extension, which only the prioritized replay buffer needs."""
 from __future__ import annotations
 
 
+class MissingExtensionError(ImportError):
+    """``torchrl._torchrl`` cannot load, so a prioritized replay buffer cannot be built."""
+
+
 def require_torchrl_extension() -> None:
-    """Raise ``ImportError`` naming the cause and the fix if ``torchrl._torchrl`` cannot load."""
+    """Raise :class:`MissingExtensionError` naming the cause and the fixes if
+    ``torchrl._torchrl`` cannot load. Importing ``d2r_torchrl`` never calls this: only
+    building a prioritized buffer does."""
     try:
         import torchrl._torchrl  # noqa: F401
     except ImportError as error:
         import torch
         import torchrl
 
-        raise ImportError(
-            "torchrl's compiled extension (torchrl._torchrl) failed to load, so prioritized "
-            f"replay cannot work. Installed: torch {torch.__version__}, torchrl {torchrl.__version__}. "
-            "torchrl 0.14 is built against torch 2.15: install matching versions with "
+        raise MissingExtensionError(
+            "torchrl's compiled extension (torchrl._torchrl) failed to load, so the prioritized "
+            f"replay buffer cannot work. Installed: torch {torch.__version__}, torchrl {torchrl.__version__}. "
+            "Either use buffer.kind=stratified or buffer.kind=uniform, which need no extension, or install "
+            "versions built for each other: torchrl 0.14 is built against torch 2.15, "
             "`pip install 'torch==2.15.*' 'torchrl==0.14.*' 'tensordict==0.14.*'` "
             f"(original error: {error})."
         ) from error

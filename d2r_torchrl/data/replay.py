@@ -118,7 +118,8 @@ def make_replay_buffer(
 
     Capacity is rounded down to a multiple of ``num_tasks``; above ``memmap_above``
     transitions the storage is memory-mapped under ``scratch_dir``. The prioritized
-    buffer reads priorities from ``td_error`` (written by the loss).
+    buffer reads priorities from ``td_error`` (written by the loss) and raises
+    :class:`~d2r_torchrl._extension.MissingExtensionError` when torchrl's compiled extension is missing.
     """
     if kind not in BUFFER_KINDS:
         raise ValueError(f"Unknown buffer kind {kind!r}; accepted: {list(BUFFER_KINDS)}.")

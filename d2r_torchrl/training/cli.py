@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from d2r_torchrl._extension import MissingExtensionError
 from d2r_torchrl.training.checkpointing import ResumeError
 from d2r_torchrl.training.config import ConfigError, RunConfig, apply_overrides, describe, preset, validate
 from d2r_torchrl.training.trainer import NonFiniteLossError, Trainer
@@ -34,7 +35,7 @@ def main(algorithm: str, benchmark: str, argv: Sequence[str] | None = None) -> i
         trainer = Trainer.resume(resume) if resume else Trainer(config)
         print(f"run directory: {trainer.run_dir}")
         summary = trainer.train()
-    except (ConfigError, ResumeError, NonFiniteLossError) as error:
+    except (ConfigError, ResumeError, NonFiniteLossError, MissingExtensionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"finished: {trainer.counters.state_dict()} {summary}")
