@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 ALGORITHMS = ("d2r", "soft_modular", "mt_sac", "mh_sac")
-COLLECTORS = ("sync", "multi_sync", "multi_async")
+COLLECTORS = ("sync", "multi_sync", "multi_async", "ray")
 BUFFERS = ("prioritized", "stratified", "uniform")
 WARMUP_POLICIES = ("policy", "random")
 LOGGERS = ("csv", "tensorboard", "wandb")
