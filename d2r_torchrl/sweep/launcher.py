@@ -72,7 +72,10 @@ def run_resources(config: RunConfig, cluster_gpus: float, cpus: float | None = N
         device = config.device.split(":")[0]
         gpus = 1 if device == "cuda" or (device == "auto" and cluster_gpus > 0) else 0
     if gpus > cluster_gpus:
-        raise ConfigError(f"device={config.device} asks for {gpus} GPU per run but the Ray cluster has {cluster_gpus:g}.")
+        raise ConfigError(
+            f"Each run asks for {gpus:g} GPU (device={config.device}) but the Ray cluster has {cluster_gpus:g}; "
+            "use device=cpu or a cluster with GPUs."
+        )
     return {"num_cpus": cpus, "num_gpus": gpus}
 
 

@@ -1,0 +1,123 @@
+"""On a real local Ray cluster (this machine, 2 CPUs): a 2-method x 2-seed sweep with one run
+killed mid-run, the same command resuming it, the aggregation of those runs, and
+training with the Ray collector."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("rliable")
+
+from test_training import TINY, TWO_TASKS, tiny_config  # noqa: E402
+
+from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
+from d2r_torchrl.sweep import plan_sweep, read_record, run_sweep  # noqa: E402
+from d2r_torchrl.training import builders  # noqa: E402
+from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
+from d2r_torchrl.training.trainer import Trainer  # noqa: E402
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_TASK = 80  # 8 rounds of 10 steps per task, a checkpoint every round
+SWEEP = [
+    *TINY, TWO_TASKS, f"collector.total_steps_per_task={STEPS_PER_TASK}", "log.checkpoint_interval_rounds=1",
+    "eval.interval_rounds=4",
+]
+METHODS, SEEDS = ["d2r", "mt_sac"], [0, 1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local one-node cluster with 2 CPUs; yields its address."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _kill_when_checkpointed(run_dir: Path, killed: dict, timeout: float = 120.0) -> None:
+    """SIGKILL the worker training ``run_dir`` once it has saved its first checkpoint."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = read_record(run_dir) if (run_dir / "sweep.json").exists() else {}
+        if record.get("status") == "running" and (run_dir / CHECKPOINT_NAME).exists():
+            os.kill(record["pid"], signal.SIGKILL)
+            killed["pid"] = record["pid"]
+            return
+        time.sleep(0.005)
+
+
+def test_sweep_survives_a_killed_run_and_the_same_command_resumes_it(cluster, tmp_path):
+    runs = plan_sweep(tmp_path, METHODS, SEEDS, ["MT10"], SWEEP)
+    target = runs[0]
+    killed: dict = {}
+    watcher = threading.Thread(target=_kill_when_checkpointed, args=(target.run_dir, killed))
+    watcher.start()
+    first = {r.run.name: r for r in run_sweep(runs, cpus_per_run=1)}
+    watcher.join()
+    assert killed, "the watched run was never seen running with a checkpoint"
+    assert first[target.name].status == "failed" and "Worker" in first[target.name].error
+    assert read_record(target.run_dir)["status"] == "failed"  # the error is kept in its folder
+    total = STEPS_PER_TASK * 2
+    for run in runs[1:]:  # the others went on to the end
+        assert first[run.name].status == "done" and first[run.name].record["frames"] == total
+
+    # the same sweep as a command joining the cluster: skips 3 runs, resumes the killed one
+    command = [sys.executable, "-m", "d2r_torchrl.sweep", "--address", cluster, "--out", str(tmp_path),
+               "--methods", *METHODS, "--seeds", *map(str, SEEDS), "--reps", "300", *SWEEP]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    record = read_record(target.run_dir)
+    assert record["status"] == "done" and record["frames"] == total
+    [resumed_from] = record["resumed_from_frames"]
+    assert 0 < resumed_from < total  # continued from the checkpoint, not from scratch
+    printed = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.split(": ")[0] in first)
+    assert [printed[run.name].split()[0] for run in runs] == ["done", "skipped", "skipped", "skipped"]
+    table = (tmp_path / "runs.md").read_text()
+    assert table.count("| done |") == 4
+
+    # the report aggregates the four finished runs; check the final IQMs by hand
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"d2r_MT10", "mt_sac_MT10"}
+    for group, result_ in summary.items():
+        finals = [
+            read_scalar_csv(tmp_path / f"{group}_seed{seed}" / "scalars" / "eval" / "return" / f"{task}.csv")[1][-1]
+            for seed in SEEDS for task in ("reach-v3", "push-v3")
+        ]
+        middle = sorted(finals)[1:3]
+        assert result_["return"]["iqm"][-1] == pytest.approx(np.mean(middle))
+        assert result_["return"]["lower"][-1] <= result_["return"]["iqm"][-1] <= result_["return"]["upper"][-1]
+        assert result_["return"]["frames"][-1] == total
+    assert (tmp_path / "curves.png").stat().st_size > 0 and "d2r_MT10 | 2 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_ray_collector_steps_task_slices_and_receives_weights(cluster, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, "collector.kind=ray", "buffer.kind=uniform", "eval.episodes_per_task=0"))
+    collector = builders.make_collector(trainer.config, trainer.tasks, trainer.actor, trainer.device)
+    try:
+        batch = next(iter(collector))
+        assert batch.shape == (2, 1, 10)  # [workers, tasks per worker, steps]
+        assert batch["task_id"].reshape(2, -1).tolist() == [[0] * 10, [1] * 10]  # global ids
+        with torch.no_grad():
+            for param in trainer.actor.parameters():
+                param.add_(0.5)
+        collector.update_policy_weights_()
+        expected = [p.detach().cpu() for p in trainer.actor.parameters()]
+        for remote_policy in collector.get_distant_attr("policy"):
+            for got, want in zip(remote_policy.parameters(), expected):
+                torch.testing.assert_close(got.detach(), want)
+    finally:
+        collector.shutdown()
+
+    trainer.train()  # three rounds: warm-up, then two rounds of updates, weights pushed after each
+    assert trainer.counters.state_dict() == {"rounds": 3, "frames": 60, "updates": 4}
+    assert torch.bincount(trainer.buffer[:]["task_id"]).tolist() == [30, 30]
