@@ -20,6 +20,7 @@ pytest.importorskip("rliable")
 from test_training import TINY, TWO_TASKS, tiny_config  # noqa: E402
 
 from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
+from d2r_torchrl.modules.actor_critic import ROUTE_KEY  # noqa: E402
 from d2r_torchrl.sweep import plan_sweep, read_record, run_sweep  # noqa: E402
 from d2r_torchrl.training import builders  # noqa: E402
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
@@ -61,7 +62,7 @@ def test_sweep_survives_a_killed_run_and_the_same_command_resumes_it(cluster, tm
     killed: dict = {}
     watcher = threading.Thread(target=_kill_when_checkpointed, args=(target.run_dir, killed))
     watcher.start()
-    first = {r.run.name: r for r in run_sweep(runs, cpus_per_run=1)}
+    first = {r.run.name: r for r in run_sweep(runs, cpus_per_run=0.5)}  # all four at once
     watcher.join()
     assert killed, "the watched run was never seen running with a checkpoint"
     assert first[target.name].status == "failed" and "Worker" in first[target.name].error
@@ -100,24 +101,41 @@ def test_sweep_survives_a_killed_run_and_the_same_command_resumes_it(cluster, tm
     assert (tmp_path / "curves.png").stat().st_size > 0 and "d2r_MT10 | 2 |" in (tmp_path / "summary.md").read_text()
 
 
-def test_ray_collector_steps_task_slices_and_receives_weights(cluster, tmp_path):
+def test_training_with_the_ray_collector(cluster, tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path, "collector.kind=ray", "buffer.kind=uniform", "eval.episodes_per_task=0"))
-    collector = builders.make_collector(trainer.config, trainer.tasks, trainer.actor, trainer.device)
-    try:
-        batch = next(iter(collector))
-        assert batch.shape == (2, 1, 10)  # [workers, tasks per worker, steps]
-        assert batch["task_id"].reshape(2, -1).tolist() == [[0] * 10, [1] * 10]  # global ids
-        with torch.no_grad():
-            for param in trainer.actor.parameters():
-                param.add_(0.5)
-        collector.update_policy_weights_()
-        expected = [p.detach().cpu() for p in trainer.actor.parameters()]
-        for remote_policy in collector.get_distant_attr("policy"):
-            for got, want in zip(remote_policy.parameters(), expected):
-                torch.testing.assert_close(got.detach(), want)
-    finally:
-        collector.shutdown()
+    initial = [p.detach().clone() for p in trainer.actor.parameters()]
+    seen = {}
+    make_collector = builders.make_collector
 
+    def observed_collector(*args, **kwargs):
+        """The trainer's collector, reporting its first batch and, at shutdown, the workers' weights."""
+        collector = make_collector(*args, **kwargs)
+        iterator, shutdown = collector.iterator, collector.shutdown
+
+        def iterate():
+            for batch in iterator():
+                seen.setdefault("batch", batch.clone())
+                yield batch
+
+        def fetch_weights_then_shutdown(*a, **k):
+            seen.setdefault("workers", collector.get_distant_attr("policy"))
+            shutdown(*a, **k)
+
+        collector.iterator, collector.shutdown = iterate, fetch_weights_then_shutdown
+        return collector
+
+    monkeypatch.setattr(builders, "make_collector", observed_collector)
     trainer.train()  # three rounds: warm-up, then two rounds of updates, weights pushed after each
     assert trainer.counters.state_dict() == {"rounds": 3, "frames": 60, "updates": 4}
-    assert torch.bincount(trainer.buffer[:]["task_id"]).tolist() == [30, 30]
+    batch = seen["batch"]
+    assert batch.shape == (2, 1, 10)  # [workers, tasks per worker, steps]
+    assert batch["task_id"].reshape(2, -1).tolist() == [[0] * 10, [1] * 10]  # each worker's slice, global ids
+    stored = trainer.buffer[:]
+    assert torch.bincount(stored["task_id"]).tolist() == [30, 30]
+    assert (stored[ROUTE_KEY].sum(-1) == 31).all()  # every transition carries its sampled k-hot route
+    learner = [p.detach().cpu() for p in trainer.actor.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(learner, initial))  # the updates changed the policy
+    assert len(seen["workers"]) == 2
+    for worker_policy in seen["workers"]:  # ... and the workers received the last weights
+        for got, want in zip(worker_policy.parameters(), learner):
+            torch.testing.assert_close(got.detach(), want)
