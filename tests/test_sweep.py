@@ -1,4 +1,5 @@
 """Sweep planning, per-run resources, run folders and the command line (no cluster needed)."""
+import importlib.util
 import json
 
 import pytest
@@ -7,7 +8,7 @@ from d2r_torchrl.sweep import PRESETS, plan_sweep, run_resources
 from d2r_torchrl.sweep.__main__ import parse
 from d2r_torchrl.sweep.launcher import _prepare
 from d2r_torchrl.sweep.plan import config_mismatch, write_record
-from d2r_torchrl.training.config import ConfigError, preset
+from d2r_torchrl.training.config import ConfigError, apply_overrides, preset, validate
 
 
 def test_plan_crosses_methods_benchmarks_and_seeds(tmp_path):
@@ -66,3 +67,10 @@ def test_command_line_presets_and_help(tmp_path, capsys):
         parse(["--help"])
     out = capsys.readouterr().out
     assert "--address" in out and "buffer.kind = 'prioritized'" in out
+
+
+def test_ray_collector_without_ray_is_a_config_error(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "ray" else find_spec(name, *args))
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[ray\]"'):
+        validate(apply_overrides(preset("d2r", "MT10"), ["collector.kind=ray"]))

@@ -61,10 +61,11 @@ def _print_result(result: RunResult) -> None:
 
 
 def write_runs_table(results: Sequence[RunResult], path: Path) -> Path:
-    """``runs.md``: one row per run with its status, progress and error."""
+    """``runs.md``: one row per run with its status, progress and error (on one line, cut
+    at 300 characters; ``sweep.json`` in the run's folder keeps all of it)."""
     rows = [
         f"| {r.run.name} | {r.record.get('status', r.status)} | {r.record.get('frames', '')} | {r.record.get('updates', '')} "
-        f"| {r.record.get('seconds', 0.0):.0f} | {r.error} |"
+        f"| {r.record.get('seconds', 0.0):.0f} | {' '.join(r.error.split())[:300]} |"
         for r in results
     ]
     path.write_text("\n".join(["| run | status | frames | updates | wall s | error |", "|---|---|---|---|---|---|", *rows]) + "\n")

@@ -61,13 +61,14 @@ def plan_sweep(
     out: str | Path, methods: Sequence[str], seeds: Sequence[int], benchmarks: Sequence[str], overrides: Sequence[str] = ()
 ) -> list[SweepRun]:
     """Every (method, benchmark, seed): the method's reference preset on the benchmark with
-    ``overrides`` applied; ``seed`` and ``log.root``/``log.name`` are set per run.
+    ``overrides`` applied; ``seed`` and ``log.root`` (``out`` made absolute)/``log.name`` are set per run.
     Raises :class:`ConfigError` on a bad method, benchmark or override."""
     reserved = [o for o in overrides if o.split("=", 1)[0].strip() in PER_RUN_KEYS]
     if reserved:
         raise ConfigError(f"{', '.join(reserved)}: {', '.join(PER_RUN_KEYS)} are set per run (use --seeds and --out).")
     if not methods or not seeds or not benchmarks:
         raise ConfigError("A sweep needs at least one method, one seed and one benchmark.")
+    out = Path(out).resolve()  # Ray workers need not share the driver's working directory
     runs = []
     for benchmark in benchmarks:
         for method in methods:

@@ -226,6 +226,10 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("network.architecture", config.network.architecture, ALGORITHMS)
     _choice("network.soft_modular_preset", config.network.soft_modular_preset, ("shallow", "deep"))
     _choice("collector.kind", config.collector.kind, COLLECTORS)
+    if config.collector.kind == "ray":
+        from d2r_torchrl.training.ray_collector import require_ray
+
+        require_ray()
     _choice("collector.warmup_policy", config.collector.warmup_policy, WARMUP_POLICIES)
     _choice("buffer.kind", config.buffer.kind, BUFFERS)
     _choice("log.backend", config.log.backend, LOGGERS)
