@@ -6,11 +6,13 @@ local Ray cluster (default) or the one at ``--address``. The same command again 
 finished runs and resumes interrupted or failed ones from their checkpoints. Afterwards
 ``<out>/runs.md`` lists every run's status, and ``curves.png``, ``summary.md`` and
 ``summary.json`` aggregate the finished runs across seeds (IQM, stratified bootstrap).
-Exit code 1 when a run failed.
+Ctrl-C or SIGTERM stops every running run with a checkpoint. Exit code 1 when a run
+failed, 130 when runs were interrupted.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -101,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
 
     ray.init(address=args.address, **({"num_cpus": args.num_cpus} if args.address == "local" else {}))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop: like Ctrl-C (after ray.init's own)
     try:
         results = run_sweep(runs, args.cpus_per_run, args.gpus_per_run, on_result=_print_result)
     except ConfigError as error:
@@ -111,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"run table: {write_runs_table(results, args.out / 'runs.md')}")
     report(results, args.out, args.reps)
+    if any(r.status == "interrupted" for r in results):
+        print("interrupted runs are saved; the same command resumes them")
+        return 130
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
