@@ -83,3 +83,9 @@ def test_report_from_csv_logs(tmp_path):
     assert "| d2r | 2 | 20 | 0.375 [" in markdown and "| push-v3 | 0.62 / 7.0 |" in markdown
     assert (tmp_path / "report" / "curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["d2r"]["tasks"] == list(TASKS)
+
+
+def test_runs_without_evaluation_logs_are_a_clear_error(tmp_path):
+    run = _fake_run(tmp_path, "a", {"success": [[(10, 0.0)], [(10, 1.0)]]})
+    with pytest.raises(ValueError, match="eval.episodes_per_task"):
+        load_scores([run], "return")

@@ -91,10 +91,11 @@ def load_scores(run_dirs: Sequence[Path], metric: str) -> tuple[np.ndarray, np.n
     """``(frames [P], scores [runs, tasks, P])`` of ``eval/<metric>/<task>`` at the
     evaluation points every run and task logged. Raises ``ValueError`` when there are none."""
     tasks = run_tasks(run_dirs[0])
-    curves = [
-        [dict(zip(*read_scalar_csv(run / "scalars" / "eval" / metric / f"{task}.csv"))) for task in tasks]
-        for run in run_dirs
-    ]
+    paths = [[run / "scalars" / "eval" / metric / f"{task}.csv" for task in tasks] for run in run_dirs]
+    missing = [str(path) for per_task in paths for path in per_task if not path.exists()]
+    if missing:
+        raise ValueError(f"No evaluation log {missing[0]} (and {len(missing) - 1} more): was eval.episodes_per_task 0?")
+    curves = [[dict(zip(*read_scalar_csv(path))) for path in per_task] for per_task in paths]
     common = set.intersection(*(set(curve) for per_task in curves for curve in per_task))
     if not common:
         raise ValueError(f"No evaluation point of {metric!r} is common to {[str(r) for r in run_dirs]}.")

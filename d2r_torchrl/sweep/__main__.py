@@ -102,7 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import ray
 
-    ray.init(address=args.address, **({"num_cpus": args.num_cpus} if args.address == "local" else {}))
+    try:
+        ray.init(address=args.address, **({"num_cpus": args.num_cpus} if args.address == "local" else {}))
+    except (ConnectionError, ValueError) as error:
+        print(f"error: cannot start or join the Ray cluster at --address {args.address}: {error}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop: like Ctrl-C (after ray.init's own)
     try:
         results = run_sweep(runs, args.cpus_per_run, args.gpus_per_run, on_result=_print_result)
