@@ -26,6 +26,8 @@ def test_plan_crosses_methods_benchmarks_and_seeds(tmp_path):
         plan_sweep(tmp_path, ["d2r"], [0, 0], ["MT10"])
     with pytest.raises(ConfigError, match="Unknown algorithm"):
         plan_sweep(tmp_path, ["dqn"], [0], ["MT10"])
+    with pytest.raises(ConfigError, match="must be positive"):
+        plan_sweep(tmp_path, ["d2r"], [0], ["MT10"], ["collector.steps_per_task=0"])
 
 
 def test_resources_follow_device_and_collector(tmp_path):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from d2r_torchrl.training.config import ConfigError, RunConfig, _flatten, apply_overrides, preset
+from d2r_torchrl.training.config import ConfigError, RunConfig, _flatten, apply_overrides, preset, validate
 
 RECORD_NAME = "sweep.json"
 PER_RUN_KEYS = ("seed", "log.root", "log.name")
@@ -76,6 +76,7 @@ def plan_sweep(
                 config = preset(method, benchmark)
                 run = SweepRun(method, benchmark, seed, config)
                 apply_overrides(config, [*BASE_OVERRIDES, *overrides, f"seed={seed}", f"log.root={out}", f"log.name={run.name}"])
+                validate(config)  # here, before any task starts
                 runs.append(run)
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
