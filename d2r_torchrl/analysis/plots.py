@@ -15,14 +15,16 @@ from d2r_torchrl.analysis.statistics import RoutingStatistics  # noqa: E402
 
 
 def read_scalar_csv(path: Path) -> tuple[list[float], list[float]]:
-    """``(steps, values)`` of a TorchRL ``CSVLogger`` scalar file (``step,value`` rows)."""
-    steps, values = [], []
+    """``(steps, values)`` of a TorchRL ``CSVLogger`` scalar file (``step,value`` rows), in
+    step order. A step written twice (a run resumed from a checkpoint older than its last
+    log rows logs those steps again) keeps its last value."""
+    by_step: dict[float, float] = {}
     with path.open() as handle:
         for row in csv.reader(handle):
             if len(row) == 2:
-                steps.append(float(row[0]))
-                values.append(float(row[1]))
-    return steps, values
+                by_step[float(row[0])] = float(row[1])
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
 
 
 def plot_route_graphs(stats: RoutingStatistics, task_names: Sequence[str], path: Path) -> Path:

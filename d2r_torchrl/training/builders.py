@@ -136,8 +136,8 @@ def make_buffer(config: RunConfig, num_tasks: int, scratch_dir: str | None, devi
 def make_collector(
     config: RunConfig, tasks: tuple[str, ...], policy, device: torch.device, frames_done: int = 0
 ):
-    """``Collector`` over all tasks, or a multi-process collector whose workers each
-    step a contiguous slice of the tasks (ids kept global). ``frames_done`` frames of
+    """``Collector`` over all tasks, or a multi-process (or Ray actor) collector whose
+    workers each step a contiguous slice of the tasks (ids kept global). ``frames_done`` frames of
     the budget (and of a random warm-up) are already spent when resuming."""
     frames_per_batch = config.collector.steps_per_task * len(tasks)
     # With random goals a resumed run must not replay its first resets; fixed goals come from the seed.
@@ -161,6 +161,10 @@ def make_collector(
         env_factory(config, tasks[lo:hi], first_task_id=lo, seed_offset=seed_offset)
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
+    if config.collector.kind == "ray":
+        from d2r_torchrl.training.ray_collector import make_ray_collector
+
+        return make_ray_collector(factories, policy, **common)
     cls = MultiSyncCollector if config.collector.kind == "multi_sync" else MultiAsyncCollector
     common["frames_per_batch"] = frames_per_batch if cls is MultiSyncCollector else frames_per_batch // workers
     return cls(factories, policy, **common)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 ALGORITHMS = ("d2r", "soft_modular", "mt_sac", "mh_sac")
-COLLECTORS = ("sync", "multi_sync", "multi_async")
+COLLECTORS = ("sync", "multi_sync", "multi_async", "ray")
 BUFFERS = ("prioritized", "stratified", "uniform")
 WARMUP_POLICIES = ("policy", "random")
 LOGGERS = ("csv", "tensorboard", "wandb")
@@ -239,6 +239,10 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("network.architecture", config.network.architecture, ALGORITHMS)
     _choice("network.soft_modular_preset", config.network.soft_modular_preset, ("shallow", "deep"))
     _choice("collector.kind", config.collector.kind, COLLECTORS)
+    if config.collector.kind == "ray":
+        from d2r_torchrl.training.ray_collector import require_ray
+
+        require_ray()
     _choice("collector.warmup_policy", config.collector.warmup_policy, WARMUP_POLICIES)
     _choice("buffer.kind", config.buffer.kind, BUFFERS)
     _choice("log.backend", config.log.backend, LOGGERS)

@@ -1,0 +1,108 @@
+"""What a sweep runs: one :class:`SweepRun` per (method, benchmark, seed), and each run's
+record ``<run_dir>/sweep.json`` (status, wall seconds, progress, error)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from d2r_torchrl.training.config import ConfigError, RunConfig, _flatten, apply_overrides, preset, validate
+
+RECORD_NAME = "sweep.json"
+PER_RUN_KEYS = ("seed", "log.root", "log.name")
+BASE_OVERRIDES = ("log.progress_bar=false",)
+LEARNING_CPU = (
+    "env.max_episode_steps=200",
+    "collector.steps_per_task=100",
+    "collector.updates_per_round=50",
+    "collector.warmup_rounds=5",
+    "collector.total_steps_per_task=6000",
+    "buffer.batch_size_per_task=64",
+    "buffer.capacity=100000",
+    "eval.interval_rounds=10",
+    "eval.episodes_per_task=4",
+    "log.checkpoint_interval_rounds=1000",
+    "buffer.in_checkpoint=true",
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    # MT10 learning comparison at 0.4% of the reference budget (about 70 min per 2 seeds on 2 cores).
+    "mt10-learning-cpu": {"methods": ("d2r", "soft_modular", "mt_sac"), "benchmarks": ("MT10",), "overrides": LEARNING_CPU},
+    # The same comparison with the reference hyper-parameters and budget (GPU work).
+    "mt10-learning-gpu": {"methods": ("d2r", "soft_modular", "mt_sac"), "benchmarks": ("MT10",), "overrides": ()},
+}
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One training run of a sweep: ``config`` trains ``method`` on ``benchmark`` with ``seed``
+    and writes ``run_dir`` (``<out>/<group>_seed<seed>``)."""
+
+    method: str
+    benchmark: str
+    seed: int
+    config: RunConfig
+
+    @property
+    def group(self) -> str:
+        """The runs that differ only by seed share a group (aggregated together)."""
+        return f"{self.method}_{self.benchmark.replace(',', '+')}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}_seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.log.root) / self.name
+
+
+def plan_sweep(
+    out: str | Path, methods: Sequence[str], seeds: Sequence[int], benchmarks: Sequence[str], overrides: Sequence[str] = ()
+) -> list[SweepRun]:
+    """Every (method, benchmark, seed): the method's reference preset on the benchmark with
+    ``overrides`` applied; ``seed`` and ``log.root`` (``out`` made absolute)/``log.name`` are set per run.
+    Raises :class:`ConfigError` on a bad method, benchmark or override."""
+    reserved = [o for o in overrides if o.split("=", 1)[0].strip() in PER_RUN_KEYS]
+    if reserved:
+        raise ConfigError(f"{', '.join(reserved)}: {', '.join(PER_RUN_KEYS)} are set per run (use --seeds and --out).")
+    if not methods or not seeds or not benchmarks:
+        raise ConfigError("A sweep needs at least one method, one seed and one benchmark.")
+    out = Path(out).resolve()  # Ray workers need not share the driver's working directory
+    runs = []
+    for benchmark in benchmarks:
+        for method in methods:
+            for seed in seeds:
+                config = preset(method, benchmark)
+                run = SweepRun(method, benchmark, seed, config)
+                apply_overrides(config, [*BASE_OVERRIDES, *overrides, f"seed={seed}", f"log.root={out}", f"log.name={run.name}"])
+                validate(config)  # here, before any task starts
+                runs.append(run)
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"Duplicate runs in the sweep: {sorted({n for n in names if names.count(n) > 1})}.")
+    return runs
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    """The run's ``sweep.json``; ``{"status": "new"}`` when it has none."""
+    path = run_dir / RECORD_NAME
+    return json.loads(path.read_text()) if path.exists() else {"status": "new"}
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """Write ``sweep.json`` atomically (a reader never sees half a file)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RECORD_NAME + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(run_dir / RECORD_NAME)
+
+
+def config_mismatch(run: SweepRun) -> list[str]:
+    """Keys whose value in ``run_dir/config.json`` differs from the run's planned config
+    (empty when the directory holds no run yet or the same configuration)."""
+    path = run.run_dir / "config.json"
+    if not path.exists():
+        return []
+    saved = dict(_flatten(json.loads(path.read_text())))
+    return [key for key, value in _flatten(run.config.to_dict()) if saved.get(key) != value]
