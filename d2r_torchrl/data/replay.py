@@ -4,19 +4,28 @@ Stored keys: ``observation``, ``task_id``, ``action``, ``("routing", "path")`` (
 ``next`` (``observation``, ``task_id``, ``reward``, ``done``, ``terminated``,
 ``truncated``). :func:`prepare_transitions` selects them and, for the stratified sampler, lays a
 collected batch out task-interleaved (position ``p`` holds task ``p % T``).
+
+Checkpoints (``buffer.dumps``) of a memory-mapped buffer keep the data where it is:
+:class:`InPlaceMemmapCheckpointer` flushes the files and records the length, and loading
+reopens the files. In-memory buffers are saved whole, on CPU whatever their device.
 """
 from __future__ import annotations
 
+import json
+import os
 import tempfile
+from pathlib import Path
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torchrl.data import (
     LazyMemmapStorage,
     LazyTensorStorage,
+    ReplayBuffer,
     TensorDictPrioritizedReplayBuffer,
     TensorDictReplayBuffer,
 )
+from torchrl.data.replay_buffers.checkpointers import StorageCheckpointerBase
 from torchrl.data.replay_buffers.samplers import RandomSampler, Sampler
 
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
@@ -62,6 +71,68 @@ def prepare_transitions(
         )
     order = torch.argsort(task_id, stable=True)
     return batch[order].reshape(num_tasks, -1).transpose(0, 1).reshape(-1)
+
+
+def transition_bytes(example: TensorDictBase) -> int:
+    """Bytes one stored transition takes, from ``example`` (already passed through
+    :func:`prepare_transitions`, batch ``[N]``): the size of every stored leaf over ``N``."""
+    leaves = example.values(include_nested=True, leaves_only=True)
+    return sum(leaf.numel() * leaf.element_size() for leaf in leaves) // max(1, example.numel())
+
+
+class InPlaceMemmapCheckpointer(StorageCheckpointerBase):
+    """Checkpoints a :class:`~torchrl.data.LazyMemmapStorage` without copying its data.
+
+    ``dumps`` flushes the memory-mapped files under the storage's ``scratch_dir`` to disk and
+    writes only the storage length to the checkpoint; ``loads`` reopens those files and
+    restores the length. The files must still be there when loading (same run directory).
+    """
+
+    METADATA = "memmap_storage.json"
+
+    def dumps(self, storage: LazyMemmapStorage, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if storage.initialized:
+            fsync_files(Path(storage.scratch_dir))
+        metadata = {"len": len(storage), "initialized": storage.initialized, "scratch_dir": storage.scratch_dir}
+        (path / self.METADATA).write_text(json.dumps(metadata))
+
+    def loads(self, storage: LazyMemmapStorage, path) -> None:
+        metadata = json.loads((Path(path) / self.METADATA).read_text())
+        if not metadata["initialized"]:
+            return
+        scratch_dir = Path(storage.scratch_dir)
+        if not (scratch_dir / "meta.json").exists():
+            raise FileNotFoundError(
+                f"The memory-mapped replay buffer files are missing from {scratch_dir} "
+                f"(the checkpoint was written with them in {metadata['scratch_dir']})."
+            )
+        storage._storage = TensorDict.load_memmap(scratch_dir)
+        storage.initialized = True
+        storage._len = metadata["len"]
+
+
+def fsync_files(directory: Path) -> None:
+    """Flush every file under ``directory`` to disk (memory-mapped writes included)."""
+    for file in directory.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def is_memory_mapped(buffer: ReplayBuffer) -> bool:
+    """Whether ``buffer`` stores its transitions in memory-mapped files."""
+    return isinstance(buffer.storage, LazyMemmapStorage)
+
+
+def _to_cpu(data: TensorDictBase, path=None) -> TensorDictBase:
+    """Save hook: an in-memory storage is written from CPU, so that the checkpoint loads
+    on a machine without the device it was collected on."""
+    return data.to("cpu")
 
 
 class TaskStratifiedSampler(Sampler):
@@ -117,16 +188,19 @@ def make_replay_buffer(
     """A TorchRL replay buffer of ``kind`` in :data:`BUFFER_KINDS`.
 
     Capacity is rounded down to a multiple of ``num_tasks``; above ``memmap_above``
-    transitions the storage is memory-mapped under ``scratch_dir``. The prioritized
-    buffer reads priorities from ``td_error`` (written by the loss).
+    transitions the storage is memory-mapped under ``scratch_dir`` (checkpointed in place by
+    :class:`InPlaceMemmapCheckpointer`). The prioritized buffer reads priorities from
+    ``td_error`` (written by the loss).
     """
     if kind not in BUFFER_KINDS:
         raise ValueError(f"Unknown buffer kind {kind!r}; accepted: {list(BUFFER_KINDS)}.")
     capacity = max(num_tasks, capacity - capacity % num_tasks)
     if capacity > memmap_above:
         storage = LazyMemmapStorage(capacity, scratch_dir=scratch_dir or tempfile.mkdtemp(prefix="d2r_buffer_"), device="cpu")
+        storage.checkpointer = InPlaceMemmapCheckpointer()
     else:
         storage = LazyTensorStorage(capacity, device=device)
+        storage.register_save_hook(_to_cpu)
     common = dict(storage=storage, batch_size=batch_size, prefetch=None)
     if kind == "prioritized":
         from d2r_torchrl._extension import require_torchrl_extension
