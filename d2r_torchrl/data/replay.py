@@ -25,7 +25,7 @@ from torchrl.data import (
     TensorDictPrioritizedReplayBuffer,
     TensorDictReplayBuffer,
 )
-from torchrl.data.replay_buffers.checkpointers import StorageCheckpointerBase
+from torchrl.data.replay_buffers.checkpointers import StorageCheckpointerBase, TensorStorageCheckpointer
 from torchrl.data.replay_buffers.samplers import RandomSampler, Sampler
 
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
@@ -197,17 +197,21 @@ def make_replay_buffer(
     capacity = max(num_tasks, capacity - capacity % num_tasks)
     if capacity > memmap_above:
         storage = LazyMemmapStorage(capacity, scratch_dir=scratch_dir or tempfile.mkdtemp(prefix="d2r_buffer_"), device="cpu")
-        storage.checkpointer = InPlaceMemmapCheckpointer()
+        checkpointer = InPlaceMemmapCheckpointer()
     else:
         storage = LazyTensorStorage(capacity, device=device)
-        storage.register_save_hook(_to_cpu)
+        checkpointer = TensorStorageCheckpointer()
+        checkpointer.register_save_hook(_to_cpu)
     common = dict(storage=storage, batch_size=batch_size, prefetch=None)
     if kind == "prioritized":
         from d2r_torchrl._extension import require_torchrl_extension
 
         require_torchrl_extension()
-        return TensorDictPrioritizedReplayBuffer(
+        buffer = TensorDictPrioritizedReplayBuffer(
             alpha=priority_alpha, beta=priority_beta, priority_key="td_error", **common
         )
-    sampler = TaskStratifiedSampler(num_tasks) if kind == "stratified" else RandomSampler()
-    return TensorDictReplayBuffer(sampler=sampler, **common)
+    else:
+        sampler = TaskStratifiedSampler(num_tasks) if kind == "stratified" else RandomSampler()
+        buffer = TensorDictReplayBuffer(sampler=sampler, **common)
+    buffer.storage.checkpointer = checkpointer  # after the buffer's set-up, which installs the default one
+    return buffer

@@ -4,11 +4,13 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import json
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import tqdm
 from tensordict import TensorDictBase
@@ -36,6 +38,13 @@ def make_logger(config: RunConfig, run_dir: Path) -> Logger:
     return CSVLogger(name, log_dir=str(run_dir.parent))
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global Python, NumPy and torch RNGs (the prioritized sampler draws from NumPy's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def _crossed(before: int, after: int, interval: int) -> bool:
     """True when a multiple of ``interval`` lies in ``(before, after]``."""
     return after // interval > before // interval
@@ -60,7 +69,7 @@ class Trainer:
     def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
         self.config = validate(config)
         self.device = builders.resolve_device(config.device)
-        torch.manual_seed(config.seed)
+        seed_everything(config.seed)
         self.tasks = builders.task_names(config)
         self.num_tasks = len(self.tasks)
         self.run_dir = run_dir or self._new_run_dir()
