@@ -92,6 +92,7 @@ class Trainer:
         self.logger = make_logger(config, self.run_dir)
         self._stop_signal: int | None = None
         self._update_rate = 0.0
+        self._saved_counters: dict[str, int] | None = None
         (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     def _new_run_dir(self) -> Path:
@@ -196,28 +197,34 @@ class Trainer:
         self._stop_signal = None
         total_frames = cfg.collector.total_steps_per_task * self.num_tasks
         summary: dict[str, float] = {}
-        if self.counters.frames >= total_frames:
+        if self.counters.frames >= total_frames and not self.counters.pending_updates:
             return summary
         bar = tqdm.tqdm(total=total_frames, initial=self.counters.frames, unit="frame", disable=not cfg.log.progress_bar)
         with signals.stop_signals(self._on_signal) as catch_signals:
-            with torch.random.fork_rng(devices=[]):  # building the collector draws no random number of the run
-                collector = builders.make_collector(cfg, self.tasks, self.actor, self.device, self.counters.frames)
+            collector = self._make_collector() if self.counters.frames < total_frames else None
             catch_signals()
             try:
                 if self.counters.pending_updates:  # owed by the run this one resumes
-                    self._finish_batch(collector, summary, bar)
-                if self._stop_signal is None:
+                    self._finish_batch(summary, bar)
+                if collector is not None and self._stop_signal is None:
                     for data in collector:
                         self._add_batch(data)
-                        self._finish_batch(collector, summary, bar)
+                        self._finish_batch(summary, bar, collector)
                         bar.update(data.numel())
                         if self._stop_signal is not None or self.counters.frames >= total_frames:
                             break
-                self.save()
+                if self._saved_counters != self.counters.state_dict():  # not saved at this point yet
+                    self.save()
             finally:
-                collector.shutdown()
+                if collector is not None:
+                    collector.shutdown()
                 bar.close()
         return summary
+
+    def _make_collector(self):
+        """The collector for the frames left; building it draws no random number of the run."""
+        with torch.random.fork_rng(devices=[]):
+            return builders.make_collector(self.config, self.tasks, self.actor, self.device, self.counters.frames)
 
     def _add_batch(self, data: TensorDictBase) -> None:
         """Store a collected batch, advance the counters and owe its updates (none in warm-up)."""
@@ -230,15 +237,16 @@ class Trainer:
         if len(self.buffer) > cfg.warmup_rounds * frames_per_round:
             self.counters.pending_updates = round(cfg.updates_per_round * data.numel() / frames_per_round)
 
-    def _finish_batch(self, collector, summary: dict[str, float], bar: tqdm.tqdm) -> None:
+    def _finish_batch(self, summary: dict[str, float], bar: tqdm.tqdm, collector=None) -> None:
         """Run the owed updates, then (unless a stop signal cut them short) send the weights to
-        the collector and evaluate / save when a round interval was crossed."""
+        the ``collector`` and evaluate / save when a round interval was crossed."""
         cfg = self.config
         if self.counters.pending_updates:
             self._run_pending_updates()
             if self.counters.pending_updates:
                 return
-            collector.update_policy_weights_()
+            if collector is not None:
+                collector.update_policy_weights_()
             bar.set_postfix(updates_per_s=f"{self._update_rate:.1f}", success=summary.get("success", float("nan")))
         frames_per_round = cfg.collector.steps_per_task * self.num_tasks
         rounds_before = self.counters.batch_start_frames // frames_per_round
@@ -288,7 +296,9 @@ class Trainer:
         """Write ``run_dir/checkpoint`` (atomic); the metadata records the configuration and the
         code version that :meth:`resume` checks."""
         metadata = {"step": self.counters.frames, "config": self.config.to_dict(), "version": d2r_torchrl.__version__}
-        return checkpointing.save(self.checkpoint, self.run_dir, metadata)
+        path = checkpointing.save(self.checkpoint, self.run_dir, metadata)
+        self._saved_counters = self.counters.state_dict()
+        return path
 
 
 def _read_run_config(run_dir: Path) -> RunConfig:
