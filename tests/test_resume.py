@@ -117,14 +117,28 @@ def assert_same_run_state(expected: Trainer, actual: Trainer) -> None:
             assert torch.equal(sample[key], expected_sample[key]), key
 
 
-@pytest.mark.parametrize("storage", list(STORAGES))
-@pytest.mark.parametrize("kind", ["prioritized", "stratified", "uniform"])
+def _other(storage: str) -> str:
+    return "memmap" if storage == "memory" else "memory"
+
+
+@pytest.mark.parametrize(
+    "kind,storage",
+    [
+        ("prioritized", "memmap"),
+        ("stratified", "memory"),
+        pytest.param("prioritized", "memory", marks=pytest.mark.slow),
+        pytest.param("stratified", "memmap", marks=pytest.mark.slow),
+        pytest.param("uniform", "memory", marks=pytest.mark.slow),
+        pytest.param("uniform", "memmap", marks=pytest.mark.slow),
+    ],
+)
 def test_run_interrupted_in_warmup_and_mid_round_ends_like_uninterrupted(tmp_path, kind, storage):
-    extra = (f"buffer.kind={kind}", STORAGES[storage])
-    straight = Trainer(small_config(tmp_path, "straight", *extra))
+    """The uninterrupted reference keeps its buffer in the other storage: both must agree."""
+    straight = Trainer(small_config(tmp_path, "straight", f"buffer.kind={kind}", STORAGES[_other(storage)]))
     straight.train()
     assert straight.counters.updates == 4 and len(straight.buffer) == 50  # wrapped around
 
+    extra = (f"buffer.kind={kind}", STORAGES[storage])
     stopped = Trainer(small_config(tmp_path, "stopped", *extra))
     signal_after_batches(stopped, 1)  # during warm-up: no update has run
     stopped.train()
@@ -138,21 +152,25 @@ def test_run_interrupted_in_warmup_and_mid_round_ends_like_uninterrupted(tmp_pat
     stopped.train()
     assert not stopped.interrupted
     assert_same_run_state(straight, stopped)
+    if storage == "memmap":
+        _assert_buffer_files_reused(stopped)
 
 
-def test_memory_mapped_buffer_stays_on_disk_and_matches_its_size_estimate(tmp_path):
-    trainer = Trainer(small_config(tmp_path, "run", STORAGES["memmap"]))
-    signal_after_batches(trainer, 2)
-    trainer.train()
-    files = Checkpoint.manifest(tmp_path / "run" / CHECKPOINT_NAME)["components"]["replay_buffer"]["files"]
-    assert not [f for f in files if f.endswith(".memmap") and f.startswith("storage")], files
-    on_disk = sum(f.stat().st_size for f in (tmp_path / "run" / "buffer").rglob("*.memmap"))
+def _assert_buffer_files_reused(trainer: Trainer) -> None:
+    """The checkpoint holds no copy of the memory-mapped data, and the files on disk are as
+    large as the size estimate that the disk check uses says."""
+    manifest = Checkpoint.manifest(trainer.run_dir / CHECKPOINT_NAME)
+    files = manifest["components"]["replay_buffer"]["files"]
+    assert [f for f in files if f.startswith("storage/")] == ["storage/memmap_storage.json"], files
+    on_disk = sum(f.stat().st_size for f in (trainer.run_dir / "buffer").rglob("*.memmap"))
     example = prepare_transitions(trainer.eval_env.fake_tensordict(), trainer.num_route_logits)
-    assert on_disk == 50 * transition_bytes(example)
+    assert on_disk == trainer.buffer.storage.max_size * transition_bytes(example)
 
 
 def test_resume_without_saved_buffer_refills_it_and_says_so(tmp_path, capsys):
-    trainer = Trainer(small_config(tmp_path, "run", "buffer.in_checkpoint=false", "collector.total_steps_per_task=40"))
+    trainer = Trainer(
+        small_config(tmp_path, "run", "buffer.kind=uniform", "buffer.in_checkpoint=false", "collector.total_steps_per_task=40")
+    )
     signal_after_updates(trainer, 1)
     trainer.train()
     assert trainer.counters.pending_updates == 1
@@ -226,7 +244,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     process = _start_recipe(
         small_args(
             tmp_path, "run", "log.checkpoint_interval_rounds=1", "collector.total_steps_per_task=40",
-            "buffer.capacity=100000", "buffer.memmap_above=1000000",
+            "buffer.capacity=50000", "buffer.memmap_above=1000000",
         )
     )
 
@@ -258,6 +276,8 @@ def test_checkpoint_from_another_configuration_or_version_is_refused(tmp_path, c
     assert "loss.gamma: 0.99 -> 0.5" in err[0] and "network.num_modules: 4 -> 8" in err[0]
     assert "buffer" not in err[0]  # only what differs
     config_path.write_text(original)
+    with pytest.raises(ConfigError, match="only device, log.progress_bar may change"):
+        Trainer.resume(tmp_path / "run", ["loss.gamma=0.5"])
     monkeypatch.setattr(d2r_torchrl, "__version__", "9.9.9")
     with pytest.raises(ResumeError, match=rf"written by d2r-torchrl 0\.1\.0, this is 9\.9\.9"):
         Trainer.resume(tmp_path / "run")
@@ -306,28 +326,23 @@ def _as_if_written_on_cuda(archive: Path) -> None:
     os.replace(rewritten, archive)
 
 
-def test_cuda_checkpoint_resumes_on_cpu(tmp_path):
-    trainer = Trainer(small_config(tmp_path, "run", "device=auto"))
+def test_cuda_checkpoint_resumes_on_cpu(tmp_path, monkeypatch):
+    trainer = Trainer(small_config(tmp_path, "run"))
     signal_after_updates(trainer, 1)
     trainer.train()
     archive = tmp_path / "run" / CHECKPOINT_NAME
     _as_if_written_on_cuda(archive)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["device"] = "cuda"  # started with device=cuda on a GPU machine
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError):  # what a CPU machine meets without map_location
         Checkpoint(format="archive", loss=trainer.loss).load(archive)
-    resumed = Trainer.resume(tmp_path / "run")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        Trainer.resume(tmp_path / "run")
+    resumed = Trainer.resume(tmp_path / "run", ["device=cpu"])
     assert resumed.device.type == "cpu" and resumed.counters.updates == 1
     for key, value in trainer.loss.state_dict().items():
         assert torch.equal(resumed.loss.state_dict()[key], value), key
     resumed.train()
     assert resumed.counters.frames == 60 and not resumed.interrupted
-
-
-def test_resume_may_change_the_device_only(tmp_path, monkeypatch):
-    Trainer(small_config(tmp_path, "run")).save()
-    with pytest.raises(ConfigError, match="only device, log.progress_bar may change"):
-        Trainer.resume(tmp_path / "run", ["loss.gamma=0.5"])
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    config["device"] = "cuda"  # a run started on a GPU machine
-    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert Trainer.resume(tmp_path / "run", ["device=cpu"]).device.type == "cpu"
