@@ -19,7 +19,7 @@ from torchrl.checkpoint import Checkpoint
 import d2r_torchrl
 from d2r_torchrl.data.replay import prepare_transitions, transition_bytes
 from d2r_torchrl.training import preflight
-from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError
+from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError, read_metadata
 from d2r_torchrl.training.cli import main
 from d2r_torchrl.training.config import ConfigError, apply_overrides, preset
 from d2r_torchrl.training.trainer import Trainer
@@ -164,7 +164,8 @@ def _assert_buffer_files_reused(trainer: Trainer) -> None:
     assert [f for f in files if f.startswith("storage/")] == ["storage/memmap_storage.json"], files
     on_disk = sum(f.stat().st_size for f in (trainer.run_dir / "buffer").rglob("*.memmap"))
     example = prepare_transitions(trainer.eval_env.fake_tensordict(), trainer.num_route_logits)
-    assert on_disk == trainer.buffer.storage.max_size * transition_bytes(example)
+    per_transition = transition_bytes(trainer.config.buffer.kind, example, trainer.num_tasks)
+    assert on_disk == trainer.buffer.storage.max_size * per_transition
 
 
 def test_resume_without_saved_buffer_refills_it_and_says_so(tmp_path, capsys):
@@ -202,48 +203,53 @@ def _start_recipe(args: list[str]) -> subprocess.Popen:
     )
 
 
-def test_signals_save_print_the_resume_command_and_exit_128_plus_signal(tmp_path, capsys, monkeypatch):
-    """SIGINT and SIGTERM sent to a recipe after its first update round."""
-    runs = {signal.SIGINT: "int", signal.SIGTERM: "term"}
-    processes = {
-        signum: _start_recipe(small_args(tmp_path, name, "collector.total_steps_per_task=1000"))
-        for signum, name in runs.items()
-    }
-    for signum, process in processes.items():
-        losses = tmp_path / runs[signum] / "scalars" / "train" / "loss_actor.csv"
-        _poll(losses.exists, 300, process)
-        process.send_signal(signum)
-    for signum, process in processes.items():
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 128 + signum, err[-2000:]
-        run_dir = tmp_path / runs[signum]
-        lines = [line for line in out.splitlines() if line.startswith("interrupted")]
-        assert len(lines) == 1 and "finished" not in out
-        assert f"interrupted by {signal.Signals(signum).name}" in lines[0]
-        assert f"checkpoint saved to {run_dir / CHECKPOINT_NAME}" in lines[0]
-        command = shlex.split(lines[0].split("continue with: ")[1])
-        assert command[:4] == ["python", "recipes/d2r_mt10.py", "--resume", str(run_dir)]
-    # the printed command continues the run (stopped again after one more update)
-    before = int(re.search(r"(\d+) updates", lines[0]).group(1))
+def _interrupted_line(out: str, signum: int, run_dir: Path) -> list[str]:
+    """Check the one line an interrupted run prints; return its resume command."""
+    lines = [line for line in out.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "finished" not in out
+    assert f"interrupted by {signal.Signals(signum).name}" in lines[0]
+    assert f"checkpoint saved to {run_dir / CHECKPOINT_NAME}" in lines[0]
+    saved = read_metadata(run_dir)
+    assert f"after {saved['step']} frames" in lines[0] and saved["step"] >= 40  # after an update round
+    command = shlex.split(lines[0].split("continue with: ")[1])
+    assert command[2:] == ["--resume", str(run_dir)]
+    return command
+
+
+def test_ctrl_c_saves_prints_the_resume_command_and_exits_130(tmp_path):
+    """SIGINT sent to a recipe process after its first update round."""
+    process = _start_recipe(small_args(tmp_path, "run", "collector.total_steps_per_task=1000"))
+    _poll((tmp_path / "run" / "scalars" / "train" / "loss_actor.csv").exists, 300, process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    command = _interrupted_line(out, signal.SIGINT, tmp_path / "run")
+    assert command[:2] == ["python", "recipes/d2r_mt10.py"]
+
+
+def test_sigterm_exits_143_and_the_printed_command_finishes_the_run(tmp_path, capsys, monkeypatch):
     update = Trainer.update
 
-    def update_then_stop(self):
+    def update_then_sigterm(self):
         out = update(self)
-        signal.raise_signal(signal.SIGINT)
+        if self.counters.updates == 1:
+            signal.raise_signal(signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(Trainer, "update", update_then_stop)
-    assert main("d2r", "MT10", command[2:]) == 130
-    assert f"{before + 1} updates" in capsys.readouterr().out
+    monkeypatch.setattr(Trainer, "update", update_then_sigterm)
+    assert main("d2r", "MT10", small_args(tmp_path, "run")) == 143
+    command = _interrupted_line(capsys.readouterr().out, signal.SIGTERM, tmp_path / "run")
+    assert main("d2r", "MT10", command[2:]) == 0
+    assert f"finished after 60 frames, 4 updates; results in {tmp_path / 'run'}" in capsys.readouterr().out
 
 
-def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, capsys):
     """kill -9 while the second checkpoint is written (an in-memory buffer saved in each
     checkpoint makes a save take a while); the first one must load and the run go on."""
     run_dir, checkpoint = tmp_path / "run", tmp_path / "run" / CHECKPOINT_NAME
     process = _start_recipe(
         small_args(
-            tmp_path, "run", "log.checkpoint_interval_rounds=1", "collector.total_steps_per_task=40",
+            tmp_path, "run", "log.checkpoint_interval_rounds=1", "collector.total_steps_per_task=30",
             "buffer.capacity=50000", "buffer.memmap_above=1000000",
         )
     )
@@ -256,10 +262,9 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     process.kill()
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL and saving()
-    resumed = Trainer.resume(run_dir)
-    assert resumed.counters.frames == 20 and len(resumed.buffer) == 20 and not saving()
+    assert read_metadata(run_dir)["step"] == 20  # the first checkpoint, after round 1
     assert main("d2r", "MT10", ["--resume", str(run_dir)]) == 0
-    assert Trainer.resume(run_dir).counters.frames == 80
+    assert "finished after 60 frames" in capsys.readouterr().out and not saving()
 
 
 def test_checkpoint_from_another_configuration_or_version_is_refused(tmp_path, capsys, monkeypatch):

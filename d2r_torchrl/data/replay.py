@@ -73,13 +73,6 @@ def prepare_transitions(
     return batch[order].reshape(num_tasks, -1).transpose(0, 1).reshape(-1)
 
 
-def transition_bytes(example: TensorDictBase) -> int:
-    """Bytes one stored transition takes, from ``example`` (already passed through
-    :func:`prepare_transitions`, batch ``[N]``): the size of every stored leaf over ``N``."""
-    leaves = example.values(include_nested=True, leaves_only=True)
-    return sum(leaf.numel() * leaf.element_size() for leaf in leaves) // max(1, example.numel())
-
-
 class InPlaceMemmapCheckpointer(StorageCheckpointerBase):
     """Checkpoints a :class:`~torchrl.data.LazyMemmapStorage` without copying its data.
 
@@ -215,3 +208,14 @@ def make_replay_buffer(
         buffer = TensorDictReplayBuffer(sampler=sampler, **common)
     buffer.storage.checkpointer = checkpointer  # after the buffer's set-up, which installs the default one
     return buffer
+
+
+def transition_bytes(kind: str, example: TensorDictBase, num_tasks: int) -> int:
+    """Bytes one transition takes in a buffer of ``kind``, measured on a small in-memory buffer
+    holding ``example`` (transitions from :func:`prepare_transitions`, one per task): the
+    stored keys plus what the buffer adds (TorchRL's ``index``)."""
+    probe = make_replay_buffer(kind, capacity=example.numel(), batch_size=1, num_tasks=num_tasks)
+    probe.extend(example)
+    stored = probe[:]
+    leaves = stored.values(include_nested=True, leaves_only=True)
+    return sum(leaf.numel() * leaf.element_size() for leaf in leaves) // stored.numel()

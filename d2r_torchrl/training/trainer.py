@@ -111,7 +111,7 @@ class Trainer:
         preflight.check_disk_for_buffer(
             self.run_dir,
             self.buffer.storage.max_size,
-            transition_bytes(example),
+            transition_bytes(self.config.buffer.kind, example, self.num_tasks),
             memory_mapped=is_memory_mapped(self.buffer),
             in_checkpoint=self.config.buffer.in_checkpoint,
         )
