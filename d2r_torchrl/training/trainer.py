@@ -125,15 +125,15 @@ class Trainer:
         code version (checked before anything is built). Without a saved buffer the run
         refills it first and says so.
         """
-        run_dir = Path(run_dir)
-        config = _read_run_config(run_dir)
-        metadata = checkpointing.read_metadata(run_dir)
-        checkpointing.check_belongs(run_dir, metadata, config.to_dict(), d2r_torchrl.__version__)
         refused = [item for item in overrides if item.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
         if refused:
             raise ConfigError(
                 f"A resumed run keeps its configuration; only {', '.join(RESUME_OVERRIDES)} may change, got {refused}."
             )
+        run_dir = Path(run_dir)
+        config = _read_run_config(run_dir)
+        metadata = checkpointing.read_metadata(run_dir)
+        checkpointing.check_belongs(run_dir, metadata, config.to_dict(), d2r_torchrl.__version__)
         checkpointing.remove_leftovers(run_dir)
         trainer = cls(apply_overrides(config, overrides), run_dir)
         restored = checkpointing.load(trainer.checkpoint, run_dir, map_location=trainer.device)
@@ -143,13 +143,14 @@ class Trainer:
         return trainer
 
     def _start_buffer_afresh(self) -> None:
-        """After resuming without a saved buffer: drop stale memory-mapped files and the
-        updates owed to transitions that are gone; say that the buffer is refilled."""
+        """After resuming without a saved buffer (left out, or saved empty): drop stale
+        memory-mapped files and the updates owed to transitions that are gone; say when an
+        in-memory buffer left out of checkpoints is refilled."""
         if is_memory_mapped(self.buffer):
             shutil.rmtree(self.run_dir / "buffer", ignore_errors=True)
         self.counters.pending_updates = 0
-        total = self.config.collector.total_steps_per_task * self.num_tasks
-        if self.counters.frames < total:
+        left_out = not (self.config.buffer.in_checkpoint or is_memory_mapped(self.buffer))
+        if left_out and self.counters.frames < self.config.collector.total_steps_per_task * self.num_tasks:
             print(
                 f"resumed without a replay buffer (buffer.in_checkpoint=false): "
                 f"{self.config.collector.warmup_rounds} round(s) refill it before updates continue."
