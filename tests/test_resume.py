@@ -283,8 +283,9 @@ def test_checkpoint_from_another_configuration_or_version_is_refused(tmp_path, c
     config_path.write_text(original)
     with pytest.raises(ConfigError, match="only device, log.progress_bar may change"):
         Trainer.resume(tmp_path / "run", ["loss.gamma=0.5"])
+    written_by = d2r_torchrl.__version__
     monkeypatch.setattr(d2r_torchrl, "__version__", "9.9.9")
-    with pytest.raises(ResumeError, match=rf"written by d2r-torchrl 0\.1\.0, this is 9\.9\.9"):
+    with pytest.raises(ResumeError, match=re.escape(f"written by d2r-torchrl {written_by}, this is 9.9.9")):
         Trainer.resume(tmp_path / "run")
 
 

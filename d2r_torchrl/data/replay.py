@@ -87,7 +87,9 @@ class InPlaceMemmapCheckpointer(StorageCheckpointerBase):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if storage.initialized:
-            fsync_files(Path(storage.scratch_dir))
+            for file in Path(storage.scratch_dir).rglob("*"):
+                if file.is_file():
+                    fsync_path(file)
         metadata = {"len": len(storage), "initialized": storage.initialized, "scratch_dir": storage.scratch_dir}
         (path / self.METADATA).write_text(json.dumps(metadata))
 
@@ -101,20 +103,19 @@ class InPlaceMemmapCheckpointer(StorageCheckpointerBase):
                 f"The memory-mapped replay buffer files are missing from {scratch_dir} "
                 f"(the checkpoint was written with them in {metadata['scratch_dir']})."
             )
+        # as TorchRL's own checkpointers do when the data already sits at the load path
         storage._storage = TensorDict.load_memmap(scratch_dir)
         storage.initialized = True
         storage._len = metadata["len"]
 
 
-def fsync_files(directory: Path) -> None:
-    """Flush every file under ``directory`` to disk (memory-mapped writes included)."""
-    for file in directory.rglob("*"):
-        if file.is_file():
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def fsync_path(path: Path) -> None:
+    """Flush a file (memory-mapped writes included) or a directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def is_memory_mapped(buffer: ReplayBuffer) -> bool:

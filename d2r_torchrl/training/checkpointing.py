@@ -17,6 +17,7 @@ import torch
 from torchrl.checkpoint import Checkpoint, CheckpointError, GlobalRNGState
 from torchrl.data import ReplayBuffer
 
+from d2r_torchrl.data.replay import fsync_path
 from d2r_torchrl.training.config import RESUME_OVERRIDES, differences
 
 CHECKPOINT_NAME = "checkpoint"
@@ -78,14 +79,6 @@ def remove_leftovers(run_dir: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(checkpoint: Checkpoint, run_dir: Path, metadata: dict[str, Any]) -> Path:
     """Write ``run_dir/checkpoint`` atomically: a crash at any moment leaves either the previous
     checkpoint or the new one, both whole. Empty replay buffers are not saved."""
@@ -96,10 +89,10 @@ def save(checkpoint: Checkpoint, run_dir: Path, metadata: dict[str, Any]) -> Pat
         if not (isinstance(value, ReplayBuffer) and len(value) == 0)
     ]
     partial = checkpoint.save(run_dir / PARTIAL_NAME, components=selected, metadata=metadata)
-    _fsync(partial)
+    fsync_path(partial)
     destination = run_dir / CHECKPOINT_NAME
     os.replace(partial, destination)
-    _fsync(run_dir)
+    fsync_path(run_dir)
     return destination
 
 
