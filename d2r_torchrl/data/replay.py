@@ -79,6 +79,9 @@ class InPlaceMemmapCheckpointer(StorageCheckpointerBase):
     ``dumps`` flushes the memory-mapped files under the storage's ``scratch_dir`` to disk and
     writes only the storage length to the checkpoint; ``loads`` reopens those files and
     restores the length. The files must still be there when loading (same run directory).
+    After a stop signal they hold exactly the checkpoint's transitions; after a crash they
+    may also hold some collected after it, which replace older ones only once the buffer
+    has wrapped around (at most one checkpoint interval's worth).
     """
 
     METADATA = "memmap_storage.json"

@@ -48,7 +48,7 @@ class Counters:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name in self.FIELDS:
-            setattr(self, name, int(state.get(name, 0)))
+            setattr(self, name, int(state[name]))
 
 
 class PortableRNGState(GlobalRNGState):
