@@ -183,7 +183,7 @@ def test_config_errors_and_help(capsys):
     # 2 warm-up rounds x 10 steps x 10 tasks = 200 frames: a 200-slot buffer would never update
     with pytest.raises(ConfigError, match="must exceed the 200 warm-up frames"):
         parse("d2r", "MT10", ["buffer.capacity=200", "collector.warmup_rounds=2", "collector.steps_per_task=10"])
-    config, _ = parse("d2r", "MT10", ["loss.max_log_alpha=none", "env.goals=random"])
+    config = parse("d2r", "MT10", ["loss.max_log_alpha=none", "env.goals=random"]).config
     assert config.loss.max_log_alpha is None and config.env.goals == "random"
     assert main("d2r", "MT10", ["collector.steps_per_task=0"]) == 2
     assert "must be positive" in capsys.readouterr().err

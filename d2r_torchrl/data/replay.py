@@ -4,19 +4,28 @@ Stored keys: ``observation``, ``task_id``, ``action``, ``("routing", "path")`` (
 ``next`` (``observation``, ``task_id``, ``reward``, ``done``, ``terminated``,
 ``truncated``). :func:`prepare_transitions` selects them and, for the stratified sampler, lays a
 collected batch out task-interleaved (position ``p`` holds task ``p % T``).
+
+Checkpoints (``buffer.dumps``) of a memory-mapped buffer keep the data where it is:
+:class:`InPlaceMemmapCheckpointer` flushes the files and records the length, and loading
+reopens the files. In-memory buffers are saved whole, on CPU whatever their device.
 """
 from __future__ import annotations
 
+import json
+import os
 import tempfile
+from pathlib import Path
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torchrl.data import (
     LazyMemmapStorage,
     LazyTensorStorage,
+    ReplayBuffer,
     TensorDictPrioritizedReplayBuffer,
     TensorDictReplayBuffer,
 )
+from torchrl.data.replay_buffers.checkpointers import StorageCheckpointerBase, TensorStorageCheckpointer
 from torchrl.data.replay_buffers.samplers import RandomSampler, Sampler
 
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
@@ -62,6 +71,65 @@ def prepare_transitions(
         )
     order = torch.argsort(task_id, stable=True)
     return batch[order].reshape(num_tasks, -1).transpose(0, 1).reshape(-1)
+
+
+class InPlaceMemmapCheckpointer(StorageCheckpointerBase):
+    """Checkpoints a :class:`~torchrl.data.LazyMemmapStorage` without copying its data.
+
+    ``dumps`` flushes the memory-mapped files under the storage's ``scratch_dir`` to disk and
+    writes only the storage length to the checkpoint; ``loads`` reopens those files and
+    restores the length. The files must still be there when loading (same run directory).
+    After a stop signal they hold exactly the checkpoint's transitions; after a crash they
+    may also hold some collected after it, which replace older ones only once the buffer
+    has wrapped around (at most one checkpoint interval's worth).
+    """
+
+    METADATA = "memmap_storage.json"
+
+    def dumps(self, storage: LazyMemmapStorage, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if storage.initialized:
+            for file in Path(storage.scratch_dir).rglob("*"):
+                if file.is_file():
+                    fsync_path(file)
+        metadata = {"len": len(storage), "initialized": storage.initialized, "scratch_dir": storage.scratch_dir}
+        (path / self.METADATA).write_text(json.dumps(metadata))
+
+    def loads(self, storage: LazyMemmapStorage, path) -> None:
+        metadata = json.loads((Path(path) / self.METADATA).read_text())
+        if not metadata["initialized"]:
+            return
+        scratch_dir = Path(storage.scratch_dir)
+        if not (scratch_dir / "meta.json").exists():
+            raise FileNotFoundError(
+                f"The memory-mapped replay buffer files are missing from {scratch_dir} "
+                f"(the checkpoint was written with them in {metadata['scratch_dir']})."
+            )
+        # as TorchRL's own checkpointers do when the data already sits at the load path
+        storage._storage = TensorDict.load_memmap(scratch_dir)
+        storage.initialized = True
+        storage._len = metadata["len"]
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file (memory-mapped writes included) or a directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_memory_mapped(buffer: ReplayBuffer) -> bool:
+    """Whether ``buffer`` stores its transitions in memory-mapped files."""
+    return isinstance(buffer.storage, LazyMemmapStorage)
+
+
+def _to_cpu(data: TensorDictBase, path=None) -> TensorDictBase:
+    """Save hook: an in-memory storage is written from CPU, so that the checkpoint loads
+    on a machine without the device it was collected on."""
+    return data.to("cpu")
 
 
 class TaskStratifiedSampler(Sampler):
@@ -117,8 +185,9 @@ def make_replay_buffer(
     """A TorchRL replay buffer of ``kind`` in :data:`BUFFER_KINDS`.
 
     Capacity is rounded down to a multiple of ``num_tasks``; above ``memmap_above``
-    transitions the storage is memory-mapped under ``scratch_dir``. The prioritized
-    buffer reads priorities from ``td_error`` (written by the loss) and raises
+    transitions the storage is memory-mapped under ``scratch_dir`` (checkpointed in place by
+    :class:`InPlaceMemmapCheckpointer`). The prioritized buffer reads priorities from
+    ``td_error`` (written by the loss) and raises
     :class:`~d2r_torchrl._extension.MissingExtensionError` when torchrl's compiled extension is missing.
     """
     if kind not in BUFFER_KINDS:
@@ -126,15 +195,32 @@ def make_replay_buffer(
     capacity = max(num_tasks, capacity - capacity % num_tasks)
     if capacity > memmap_above:
         storage = LazyMemmapStorage(capacity, scratch_dir=scratch_dir or tempfile.mkdtemp(prefix="d2r_buffer_"), device="cpu")
+        checkpointer = InPlaceMemmapCheckpointer()
     else:
         storage = LazyTensorStorage(capacity, device=device)
+        checkpointer = TensorStorageCheckpointer()
+        checkpointer.register_save_hook(_to_cpu)
     common = dict(storage=storage, batch_size=batch_size, prefetch=None)
     if kind == "prioritized":
         from d2r_torchrl._extension import require_torchrl_extension
 
         require_torchrl_extension()
-        return TensorDictPrioritizedReplayBuffer(
+        buffer = TensorDictPrioritizedReplayBuffer(
             alpha=priority_alpha, beta=priority_beta, priority_key="td_error", **common
         )
-    sampler = TaskStratifiedSampler(num_tasks) if kind == "stratified" else RandomSampler()
-    return TensorDictReplayBuffer(sampler=sampler, **common)
+    else:
+        sampler = TaskStratifiedSampler(num_tasks) if kind == "stratified" else RandomSampler()
+        buffer = TensorDictReplayBuffer(sampler=sampler, **common)
+    buffer.storage.checkpointer = checkpointer  # after the buffer's set-up, which installs the default one
+    return buffer
+
+
+def transition_bytes(kind: str, example: TensorDictBase, num_tasks: int) -> int:
+    """Bytes one transition takes in a buffer of ``kind``, measured on a small in-memory buffer
+    holding ``example`` (transitions from :func:`prepare_transitions`, one per task): the
+    stored keys plus what the buffer adds (TorchRL's ``index``)."""
+    probe = make_replay_buffer(kind, capacity=example.numel(), batch_size=1, num_tasks=num_tasks)
+    probe.extend(example)
+    stored = probe[:]
+    leaves = stored.values(include_nested=True, leaves_only=True)
+    return sum(leaf.numel() * leaf.element_size() for leaf in leaves) // stored.numel()

@@ -17,6 +17,15 @@ BUFFERS = ("prioritized", "stratified", "uniform")
 WARMUP_POLICIES = ("policy", "random")
 LOGGERS = ("csv", "tensorboard", "wandb")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Keys a resumed run may change: where and how fast it runs and what it prints, not what it computes.
+RESUME_OVERRIDES = (
+    "device",
+    "log.progress_bar",
+    "compile.enabled",
+    "compile.mode",
+    "compile.backend",
+    "compile.cudagraphs",
+)
 
 
 class ConfigError(ValueError):
@@ -76,7 +85,9 @@ class BufferConfig:
     memmap_above: int = 2_000_000
     priority_alpha: float = 0.6
     priority_beta: float = 0.4
-    in_checkpoint: bool = False
+    # An in-memory buffer is saved in every checkpoint (exact resume) or, when false, left out
+    # and refilled after resuming. A memory-mapped one always resumes from its files.
+    in_checkpoint: bool = True
 
 
 @dataclass
@@ -142,6 +153,9 @@ def preset(algorithm: str, benchmark: str) -> RunConfig:
         config.buffer.capacity = 10_000_000
         config.collector.total_steps_per_task = 1_000_000
         config.network.soft_modular_preset = "deep"
+        # The 10M-transition buffer is memory-mapped (resumed from its files); held in memory
+        # (buffer.memmap_above raised) it would be ~5 GB per checkpoint: refill it instead.
+        config.buffer.in_checkpoint = False
     validate(config)
     return config
 
@@ -154,6 +168,18 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             items.append((f"{prefix}{key}", value))
     return items
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], ignore: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two :meth:`RunConfig.to_dict` dicts, with
+    ``(old, new)``; a key missing on one side shows as ``"(absent)"``."""
+    flat_old, flat_new = dict(_flatten(old)), dict(_flatten(new))
+    changed = {}
+    for key in sorted(flat_old.keys() | flat_new.keys()):
+        pair = (flat_old.get(key, "(absent)"), flat_new.get(key, "(absent)"))
+        if key not in ignore and pair[0] != pair[1]:
+            changed[key] = pair
+    return changed
 
 
 def describe(config: RunConfig) -> str:

@@ -4,19 +4,23 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import json
-import signal
+import random
+import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 import tqdm
 from tensordict import TensorDictBase
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger, WandbLogger
 
-from d2r_torchrl.data.replay import prepare_transitions
+import d2r_torchrl
+from d2r_torchrl.data.replay import is_memory_mapped, prepare_transitions, transition_bytes
 from d2r_torchrl.modules.actor_critic import num_route_logits
-from d2r_torchrl.training import builders, checkpointing
-from d2r_torchrl.training.config import ConfigError, RunConfig, validate
+from d2r_torchrl.training import builders, checkpointing, preflight, signals
+from d2r_torchrl.training.config import RESUME_OVERRIDES, ConfigError, RunConfig, apply_overrides, validate
 from d2r_torchrl.training.evaluation import evaluate
 from d2r_torchrl.training.update import NonFiniteLossError, check_finite
 
@@ -34,6 +38,13 @@ def make_logger(config: RunConfig, run_dir: Path) -> Logger:
     return CSVLogger(name, log_dir=str(run_dir.parent))
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global Python, NumPy and torch RNGs (the prioritized sampler draws from NumPy's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def _crossed(before: int, after: int, interval: int) -> bool:
     """True when a multiple of ``interval`` lies in ``(before, after]``."""
     return after // interval > before // interval
@@ -45,17 +56,24 @@ class Trainer:
     One *round* collects ``collector.steps_per_task`` steps in every task, then (after
     ``collector.warmup_rounds`` rounds) runs ``collector.updates_per_round`` updates.
     Checkpoints go to ``run_dir/checkpoint`` every ``log.checkpoint_interval_rounds``
-    rounds and on SIGINT/SIGTERM; :meth:`resume` continues a run directory.
+    rounds and on SIGINT/SIGTERM; :meth:`resume` continues a run directory. A
+    memory-mapped replay buffer lives in ``run_dir/buffer`` and is resumed from there.
+
+    Exact resume: with the sync collector on CPU, fixed goals and the buffer kept, a run
+    stopped and resumed ends where the uninterrupted run does (parameters, temperatures,
+    counters, buffer) provided every stop falls where all episodes have just ended, i.e.
+    ``collector.steps_per_task`` is a multiple of ``env.max_episode_steps``: the simulator
+    state of unfinished episodes is not saved, a resumed run starts new ones.
     """
 
     def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
         self.config = validate(config)
-        torch.manual_seed(config.seed)
         self.device = builders.resolve_device(config.device)
+        seed_everything(config.seed)
         self.tasks = builders.task_names(config)
         self.num_tasks = len(self.tasks)
         self.run_dir = run_dir or self._new_run_dir()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        preflight.check_writable(self.run_dir)
         self.eval_env = builders.env_factory(config, self.tasks, seed_offset=builders.eval_seed_offset(config))()
         actor, critic = builders.make_actor_critic(config, self.eval_env, self.num_tasks)
         self.actor = actor.to(self.device)
@@ -63,16 +81,20 @@ class Trainer:
         self.optimizers = builders.make_optimizers(config, self.loss)
         self._update_fn = builders.make_update_fn(config, self.loss, self.optimizers, self.target_updater)
         self._checks_each_update = not (config.compile.enabled or config.compile.cudagraphs)
-        self.buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
         self.num_route_logits = num_route_logits(self.actor)
+        self.buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
+        self._check_disk()
         self.interleave_tasks = self.num_tasks if config.buffer.kind == "stratified" else None
         self.counters = checkpointing.Counters()
-        components = {"loss": self.loss, "counters": self.counters, "replay_buffer": self.buffer}
+        components = {"loss": self.loss, "counters": self.counters}
         components.update({f"optim_{name}": opt for name, opt in self.optimizers.items()})
-        self.checkpoint = checkpointing.make_checkpoint(components, config.buffer.in_checkpoint)
+        if config.buffer.in_checkpoint or is_memory_mapped(self.buffer):
+            components["replay_buffer"] = self.buffer
+        self.checkpoint = checkpointing.make_checkpoint(components)
         self.logger = make_logger(config, self.run_dir)
         self._stop_signal: int | None = None
         self._update_rate = 0.0
+        self._saved_counters: dict[str, int] | None = None
         (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     def _new_run_dir(self) -> Path:
@@ -83,28 +105,68 @@ class Trainer:
             raise ConfigError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another log.name."
             )
+        shutil.rmtree(run_dir / "buffer", ignore_errors=True)  # from a run that never saved a checkpoint
         return run_dir
 
+    def _check_disk(self) -> None:
+        example = prepare_transitions(self.eval_env.fake_tensordict(), self.num_route_logits)
+        preflight.check_disk_for_buffer(
+            self.run_dir,
+            self.buffer.storage.max_size,
+            transition_bytes(self.config.buffer.kind, example, self.num_tasks),
+            memory_mapped=is_memory_mapped(self.buffer),
+            in_checkpoint=self.config.buffer.in_checkpoint,
+        )
+
     @classmethod
-    def resume(cls, run_dir: str | Path) -> "Trainer":
-        """Rebuild a run from ``run_dir/config.json`` and load its checkpoint."""
+    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = ()) -> "Trainer":
+        """Rebuild a run from ``run_dir/config.json`` and load its checkpoint.
+
+        ``overrides`` may change only :data:`RESUME_OVERRIDES` (e.g. ``device=cpu`` to continue a
+        CUDA run on a CPU machine). The checkpoint must come from the same configuration and
+        code version (checked before anything is built). Without a saved buffer the run
+        refills it first and says so.
+        """
+        refused = [item for item in overrides if item.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
+        if refused:
+            raise ConfigError(
+                f"A resumed run keeps its configuration; only {', '.join(RESUME_OVERRIDES)} may change, got {refused}."
+            )
         run_dir = Path(run_dir)
-        config_path = run_dir / "config.json"
-        if not config_path.exists():
-            raise checkpointing.ResumeError(f"{run_dir} has no config.json: it is not a run directory.")
-        try:
-            config = RunConfig.from_dict(json.loads(config_path.read_text()))
-        except (ValueError, json.JSONDecodeError) as error:
-            raise checkpointing.ResumeError(f"{config_path} is unreadable: {error}") from error
-        trainer = cls(config, run_dir)
-        checkpointing.load(trainer.checkpoint, run_dir, map_location=trainer.device)
+        config = _read_run_config(run_dir)
+        metadata = checkpointing.read_metadata(run_dir)
+        checkpointing.check_belongs(run_dir, metadata, config.to_dict(), d2r_torchrl.__version__)
+        checkpointing.remove_leftovers(run_dir)
+        trainer = cls(apply_overrides(config, overrides), run_dir)
+        restored = checkpointing.load(trainer.checkpoint, run_dir, map_location=trainer.device)
         trainer.loss.after_update()
+        if "replay_buffer" not in restored:
+            trainer._start_buffer_afresh()
         return trainer
+
+    def _start_buffer_afresh(self) -> None:
+        """After resuming without a saved buffer (left out, or saved empty): drop stale
+        memory-mapped files and the updates owed to transitions that are gone; say when an
+        in-memory buffer left out of checkpoints is refilled."""
+        if is_memory_mapped(self.buffer):
+            shutil.rmtree(self.run_dir / "buffer", ignore_errors=True)
+        self.counters.pending_updates = 0
+        left_out = not (self.config.buffer.in_checkpoint or is_memory_mapped(self.buffer))
+        if left_out and self.counters.frames < self.config.collector.total_steps_per_task * self.num_tasks:
+            print(
+                f"resumed without a replay buffer (buffer.in_checkpoint=false): "
+                f"{self.config.collector.warmup_rounds} round(s) refill it before updates continue."
+            )
 
     @property
     def interrupted(self) -> bool:
         """Whether :meth:`train` stopped on SIGINT/SIGTERM rather than at its frame budget."""
         return self._stop_signal is not None
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal that stopped :meth:`train`, if any."""
+        return self._stop_signal
 
     # ------------------------------------------------------------------ updates
     def update(self) -> TensorDictBase:
@@ -132,57 +194,86 @@ class Trainer:
 
     # --------------------------------------------------------------------- loop
     def train(self) -> dict[str, float]:
-        """Run until the frame budget is spent or a stop signal arrives.
+        """Run until the frame budget is spent or a stop signal arrives; returns the last
+        evaluation's mean success (``{"success": ...}``) when there was one.
 
         Rounds are counted in frames (``steps_per_task * T`` per round), so a collector
         that yields part of a round (``multi_async``) gets its share of the updates.
         Updates start once the buffer holds more than the warm-up frames: in the round
         after the warm-up rounds (after resuming without a saved buffer, too).
-        SIGINT/SIGTERM finish the current update, save a checkpoint and return; worker
-        processes ignore SIGINT so that they survive it.
+        SIGINT/SIGTERM finish the current update, save a checkpoint and return; the updates
+        of the batch not run yet are owed (:class:`~checkpointing.Counters`) and run first
+        by the resumed run. Worker processes ignore the signals so that they survive them.
         """
         cfg = self.config
         self._stop_signal = None
-        frames_per_round = cfg.collector.steps_per_task * self.num_tasks
         total_frames = cfg.collector.total_steps_per_task * self.num_tasks
-        warmup_frames = cfg.collector.warmup_rounds * frames_per_round
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        collector = builders.make_collector(cfg, self.tasks, self.actor, self.device, self.counters.frames)
-        for sig in previous:
-            signal.signal(sig, self._on_signal)
-        bar = tqdm.tqdm(total=total_frames, initial=self.counters.frames, unit="frame", disable=not cfg.log.progress_bar)
         summary: dict[str, float] = {}
-        try:
-            for data in collector:
-                self.buffer.extend(prepare_transitions(data, self.num_route_logits, self.interleave_tasks))
-                rounds_before = self.counters.rounds
-                self.counters.frames += data.numel()
-                self.counters.rounds = self.counters.frames // frames_per_round
-                if len(self.buffer) > warmup_frames:  # the warm-up rounds run no update
-                    self._update_round(round(cfg.collector.updates_per_round * data.numel() / frames_per_round))
-                    collector.update_policy_weights_()
-                    bar.set_postfix(updates_per_s=f"{self._update_rate:.1f}", success=summary.get("success", float("nan")))
-                if _crossed(rounds_before, self.counters.rounds, cfg.eval.interval_rounds) and cfg.eval.episodes_per_task:
-                    summary["success"] = self.evaluate()
-                if _crossed(rounds_before, self.counters.rounds, cfg.log.checkpoint_interval_rounds):
+        if self.counters.frames >= total_frames and not self.counters.pending_updates:
+            return summary
+        bar = tqdm.tqdm(total=total_frames, initial=self.counters.frames, unit="frame", disable=not cfg.log.progress_bar)
+        with signals.stop_signals(self._on_signal) as catch_signals:
+            collector = self._make_collector() if self.counters.frames < total_frames else None
+            catch_signals()
+            try:
+                if self.counters.pending_updates:  # owed by the run this one resumes
+                    self._finish_batch(summary, bar)
+                if collector is not None and self._stop_signal is None:
+                    for data in collector:
+                        self._add_batch(data)
+                        self._finish_batch(summary, bar, collector)
+                        bar.update(data.numel())
+                        if self._stop_signal is not None or self.counters.frames >= total_frames:
+                            break
+                if self._saved_counters != self.counters.state_dict():  # not saved at this point yet
                     self.save()
-                bar.update(data.numel())
-                if self._stop_signal is not None or self.counters.frames >= total_frames:
-                    self.save()
-                    break
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            collector.shutdown()
-            bar.close()
+            finally:
+                if collector is not None:
+                    collector.shutdown()
+                bar.close()
         return summary
 
-    def _update_round(self, updates: int) -> None:
-        started, losses = time.perf_counter(), None
-        for done in range(1, updates + 1):
+    def _make_collector(self):
+        """The collector for the frames left; building it draws no random number of the run."""
+        with torch.random.fork_rng(devices=[]):
+            return builders.make_collector(self.config, self.tasks, self.actor, self.device, self.counters.frames)
+
+    def _add_batch(self, data: TensorDictBase) -> None:
+        """Store a collected batch, advance the counters and owe its updates (none in warm-up)."""
+        cfg = self.config.collector
+        frames_per_round = cfg.steps_per_task * self.num_tasks
+        self.buffer.extend(prepare_transitions(data, self.num_route_logits, self.interleave_tasks))
+        self.counters.batch_start_frames = self.counters.frames
+        self.counters.frames += data.numel()
+        self.counters.rounds = self.counters.frames // frames_per_round
+        if len(self.buffer) > cfg.warmup_rounds * frames_per_round:
+            self.counters.pending_updates = round(cfg.updates_per_round * data.numel() / frames_per_round)
+
+    def _finish_batch(self, summary: dict[str, float], bar: tqdm.tqdm, collector=None) -> None:
+        """Run the owed updates, then (unless a stop signal cut them short) send the weights to
+        the ``collector`` and evaluate / save when a round interval was crossed."""
+        cfg = self.config
+        if self.counters.pending_updates:
+            self._run_pending_updates()
+            if self.counters.pending_updates:
+                return
+            if collector is not None:
+                collector.update_policy_weights_()
+            bar.set_postfix(updates_per_s=f"{self._update_rate:.1f}", success=summary.get("success", float("nan")))
+        frames_per_round = cfg.collector.steps_per_task * self.num_tasks
+        rounds_before = self.counters.batch_start_frames // frames_per_round
+        if _crossed(rounds_before, self.counters.rounds, cfg.eval.interval_rounds) and cfg.eval.episodes_per_task:
+            summary["success"] = self.evaluate()
+        if _crossed(rounds_before, self.counters.rounds, cfg.log.checkpoint_interval_rounds):
+            self.save()
+
+    def _run_pending_updates(self) -> None:
+        """Run the owed updates; a stop signal ends this after the update in progress."""
+        started, done, losses = time.perf_counter(), 0, None
+        while self.counters.pending_updates and self._stop_signal is None:
             losses = self.update()
-            if self._stop_signal is not None:
-                break
+            self.counters.pending_updates -= 1
+            done += 1
         if losses is not None:
             if not self._checks_each_update:
                 try:
@@ -219,4 +310,19 @@ class Trainer:
             self._log_per_task(f"train/{key}", losses[key])
 
     def save(self) -> Path:
-        return checkpointing.save(self.checkpoint, self.run_dir, metadata={"step": self.counters.frames})
+        """Write ``run_dir/checkpoint`` (atomic); the metadata records the configuration and the
+        code version that :meth:`resume` checks."""
+        metadata = {"step": self.counters.frames, "config": self.config.to_dict(), "version": d2r_torchrl.__version__}
+        path = checkpointing.save(self.checkpoint, self.run_dir, metadata)
+        self._saved_counters = self.counters.state_dict()
+        return path
+
+
+def _read_run_config(run_dir: Path) -> RunConfig:
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise checkpointing.ResumeError(f"{run_dir} has no config.json: it is not a run directory.")
+    try:
+        return RunConfig.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, json.JSONDecodeError) as error:
+        raise checkpointing.ResumeError(f"{config_path} is unreadable: {error}") from error
