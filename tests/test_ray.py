@@ -123,7 +123,7 @@ def test_training_with_the_ray_collector(cluster, tmp_path, monkeypatch):
 
     monkeypatch.setattr(builders, "make_collector", observed_collector)
     trainer.train()  # three rounds: warm-up, then two rounds of updates, weights pushed after each
-    assert trainer.counters.state_dict() == {"rounds": 3, "frames": 60, "updates": 4}
+    assert (trainer.counters.rounds, trainer.counters.frames, trainer.counters.updates) == (3, 60, 4)
     batch = seen["batch"]
     assert batch.shape == (2, 1, 10)  # [workers, tasks per worker, steps]
     assert batch["task_id"].reshape(2, -1).tolist() == [[0] * 10, [1] * 10]  # each worker's slice, global ids
