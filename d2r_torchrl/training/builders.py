@@ -78,6 +78,8 @@ def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTa
         alpha_init=config.loss.alpha_init,
         max_log_alpha=config.loss.max_log_alpha,
         extreme_loss_threshold=config.loss.extreme_loss_threshold,
+        extreme_loss_rule=config.loss.extreme_loss_rule,
+        reward_scale=config.env.reward_scale,
         time_limit_terminal=config.loss.time_limit_terminal,
     )
     loss.make_value_estimator(gamma=config.loss.gamma)

@@ -167,14 +167,18 @@ class Trainer:
         return summary
 
     def _update_round(self, updates: int) -> None:
-        started, losses = time.perf_counter(), None
+        """Run ``updates`` updates; log the last losses and, per task, how many of the round's
+        updates found it above the extreme-loss threshold (``train/masked_updates``)."""
+        started, losses, masked = time.perf_counter(), None, torch.zeros(self.num_tasks)
         for done in range(1, updates + 1):
             losses = self.update()
+            masked += losses["task_masked"].cpu()
             if self._stop_signal is not None:
                 break
         if losses is not None:
             self._update_rate = done / (time.perf_counter() - started)
             self._log_losses(losses)
+            self._log_per_task("train/masked_updates", masked)
 
     def _on_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum
