@@ -56,8 +56,8 @@ class Trainer:
         self.num_tasks = len(self.tasks)
         self.run_dir = run_dir or self._new_run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.eval_env = builders.env_factory(config, self.tasks, seed_offset=builders.eval_seed_offset(config))()
-        actor, critic = builders.make_actor_critic(config, self.eval_env, self.num_tasks)
+        self.eval_envs = builders.make_eval_envs(config, self.tasks)
+        actor, critic = builders.make_actor_critic(config, self.eval_envs, self.num_tasks)
         self.actor = actor.to(self.device)
         self.loss, self.target_updater = builders.make_loss(config, self.actor, critic.to(self.device), self.num_tasks)
         self.optimizers = builders.make_optimizers(config, self.loss)
@@ -184,9 +184,10 @@ class Trainer:
         self._stop_signal = signum
 
     def evaluate(self) -> float:
-        """Evaluate; log per-task and mean success and return; returns the mean success."""
+        """Meta-World's evaluation protocol (:func:`evaluate`); logs per-task and mean success
+        and return; returns the mean success."""
         self.actor.eval()
-        result = evaluate(self.actor, self.eval_env, self.config.eval.episodes_per_task, self.config.env.max_episode_steps)
+        result = evaluate(self.actor, self.eval_envs, self.tasks, self.config.eval.episodes_per_task)
         self.actor.train()
         self._log_per_task("eval/success", result.success)
         self._log_per_task("eval/return", result.episode_return)
