@@ -169,10 +169,10 @@ class Trainer:
     def _update_round(self, updates: int) -> None:
         """Run ``updates`` updates; log the last losses and, per task, how many of the round's
         updates found it above the extreme-loss threshold (``train/masked_updates``)."""
-        started, losses, masked = time.perf_counter(), None, torch.zeros(self.num_tasks)
+        started, losses, masked = time.perf_counter(), None, torch.zeros(self.num_tasks, device=self.device)
         for done in range(1, updates + 1):
             losses = self.update()
-            masked += losses["task_masked"].cpu()
+            masked += losses["task_masked"]
             if self._stop_signal is not None:
                 break
         if losses is not None:
