@@ -64,8 +64,8 @@ class MultiTaskSACLoss(SACLoss):
       ``c_t = 0``. A dropped task gets no gradient at all, its critic included, and the
       critic term is the only one that can bring ``L_t`` back under ``tau``; the targets
       keep moving and new data keeps arriving, so the task can stay dropped for good.
-      The 3000 of the reference was set at reward scale 0.1: at reward scale 1 the
-      ordinary TD errors of a task that starts to succeed already exceed it.
+      The reference's 3000 was set at reward scale 0.1; at reward scale 1 the same TD
+      errors give 100 times the loss.
     * ``"clip"`` (default): ``tau = extreme_loss_threshold * (reward_scale / 0.1)^2`` and
       ``c_t = tau / L_t`` (detached). The threshold is relative to the reward scale because
       the loss that makes a task extreme is the critic's: ``Q`` and ``y`` scale linearly
