@@ -70,7 +70,7 @@ class CollectorConfig:
 
 @dataclass
 class BufferConfig:
-    kind: str = "prioritized"
+    kind: str = "stratified"  # the reference's sampler: uniform within each task
     capacity: int = 1_000_000
     batch_size_per_task: int = 128
     memmap_above: int = 2_000_000
