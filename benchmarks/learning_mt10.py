@@ -30,7 +30,7 @@ from d2r_torchrl.training.config import apply_overrides, preset  # noqa: E402
 from d2r_torchrl.training.trainer import Trainer  # noqa: E402
 
 METHODS = ("d2r", "soft_modular", "mt_sac")
-METRICS = {"success": "mean success rate", "return": "mean episode return (scaled reward)"}
+METRICS = {"success": "mean success rate", "return": "mean episode return (Meta-World reward, to success)"}
 PER_RUN_KEYS = ("seed", "log.root", "log.name")
 PRESETS = {
     "cpu": [
