@@ -29,7 +29,7 @@ import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from d2r_torchrl.data.replay import prepare_transitions
-from d2r_torchrl.training import checkpointing, preflight
+from d2r_torchrl.training import builders, checkpointing, preflight
 from d2r_torchrl.training.config import apply_overrides, preset
 from d2r_torchrl.training.trainer import Trainer
 
@@ -45,7 +45,8 @@ def fill(trainer: Trainer, fraction: float) -> int:
     """Extend the buffer with one collected round (200 steps per task) repeated until
     ``fraction`` of its capacity holds transitions; returns the number stored."""
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        rollout = trainer.eval_env.rollout(200, trainer.actor, break_when_any_done=False)
+        env = builders.env_factory(trainer.config, trainer.tasks)()
+        rollout = env.rollout(200, trainer.actor, break_when_any_done=False)
     batch = prepare_transitions(rollout, trainer.num_route_logits)
     target = int(fraction * trainer.buffer.storage.max_size)
     while len(trainer.buffer) + batch.numel() <= target:

@@ -10,13 +10,11 @@ import pytest
 import torch
 from metaworld.policies import ENV_POLICY_MAP
 from tensordict import TensorDict
-from tensordict.nn import TensorDictModule
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import check_env_specs, step_mdp
 
 from d2r_torchrl.envs import make_env, resolve_tasks
 from d2r_torchrl.envs.metaworld import EpisodeSuccessTransform
-from d2r_torchrl.training.evaluation import evaluate
 
 # With seed 1, task i is seeded 1 + i: reach-v3 (seed 2) with fixed goals succeeds from its
 # 39th scripted step, and loses success once the hand is driven away at step 45.
@@ -158,33 +156,6 @@ def test_truncation(make: Callable[..., EnvBase], max_episode_steps: int) -> Non
     assert torch.equal(rollout["next", "truncated"], expected_truncated)
     assert torch.equal(rollout["next", "done"], expected_truncated)
     assert not rollout["next", "terminated"].any()
-
-
-def test_evaluate_matches_raw_rollouts(make: Callable[..., EnvBase]) -> None:
-    """``evaluate``'s per-task success and return equal those of raw Meta-World episodes
-    driven by the same scripted actions (reach-v3 succeeds, push-v3 does not)."""
-    scale, episodes = 0.1, 2
-    env = make(TASKS, goals="fixed", seed=SEED, max_episode_steps=AWAY_FROM, reward_scale=scale)
-    steps = iter(range(10**6))
-
-    def scripted(observation: torch.Tensor) -> torch.Tensor:
-        t = next(steps) % AWAY_FROM
-        return torch.from_numpy(np.stack([scripted_action(n, o, t) for n, o in zip(TASKS, observation.numpy())]))
-
-    result = evaluate(TensorDictModule(scripted, ["observation"], ["action"]), env, episodes, AWAY_FROM)
-    raws = raw_envs(TASKS, SEED, "fixed", AWAY_FROM)
-    expected_return, expected_success = np.zeros(len(TASKS)), np.zeros(len(TASKS))
-    for _ in range(episodes):
-        obs, ever = [raw.reset()[0] for raw in raws], np.zeros(len(TASKS), dtype=bool)
-        for t in range(AWAY_FROM):
-            results = [raw.step(scripted_action(n, o, t)) for raw, n, o in zip(raws, TASKS, obs)]
-            obs = [r[0] for r in results]
-            expected_return += [r[1] * scale / episodes for r in results]
-            ever |= [bool(r[4]["success"]) for r in results]
-        expected_success += ever / episodes
-    torch.testing.assert_close(result.success, f32(expected_success))
-    torch.testing.assert_close(result.episode_return, f32(expected_return))
-    assert result.success.tolist() == [0.0, 1.0]
 
 
 def test_episode_success_real_env(make: Callable[..., EnvBase]) -> None:

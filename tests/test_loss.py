@@ -83,22 +83,80 @@ def test_balancing_weights_hand_computed():
     assert torch.equal(make_loss(actor, critic, 3, loss_balancing=False).balancing_weights(), torch.ones(3))
 
 
-def test_extreme_task_is_dropped_and_others_kept():
-    torch.manual_seed(0)
-    actor, critic = make_pair("mt_sac", 3)
+def _extreme_batch(actor):
+    """Three tasks; task 1's rewards (500) put its critic loss far above 3000."""
     batch = make_batch(actor, 3)
     batch["next", "reward"][batch["task_id"] == 1] = 500.0
+    return batch
+
+
+@pytest.mark.parametrize("rule", ["reference", "clip"])
+def test_extreme_task_is_dropped_or_clipped_and_others_kept(rule):
+    torch.manual_seed(0)
+    actor, critic = make_pair("mt_sac", 3)
+    batch = _extreme_batch(actor)
     torch.manual_seed(2)
     unmasked = make_loss(actor, critic, 3, extreme_loss_threshold=None)(batch.clone())
     torch.manual_seed(2)
-    masked = make_loss(actor, critic, 3, extreme_loss_threshold=3000.0)(batch.clone())
+    masked = make_loss(actor, critic, 3, extreme_loss_threshold=3000.0, extreme_loss_rule=rule)(batch.clone())
     task_loss = unmasked["task_loss"]
     assert task_loss[1] > 3000 and (task_loss[[0, 2]] < 3000).all()
-    assert masked["task_kept"].tolist() == [True, False, True]
+    assert masked["task_masked"].tolist() == [False, True, False]
+    # reference: task 1 contributes nothing; clip: exactly the threshold
+    contribution = 0.0 if rule == "reference" else 3000.0
+    torch.testing.assert_close(masked["task_scale"], torch.tensor([1.0, contribution / task_loss[1], 1.0]))
     total = masked["loss_actor"] + masked["loss_qvalue"] + masked["loss_alpha"]
-    torch.testing.assert_close(total, task_loss[[0, 2]].sum() / 3)
+    torch.testing.assert_close(total, (task_loss[[0, 2]].sum() + contribution) / 3)
     unmasked_total = unmasked["loss_actor"] + unmasked["loss_qvalue"] + unmasked["loss_alpha"]
     torch.testing.assert_close(unmasked_total, task_loss.sum() / 3)
+    assert not unmasked["task_masked"].any() and torch.equal(unmasked["task_scale"], torch.ones(3))
+
+
+def test_clip_threshold_scales_with_reward_scale_squared_and_reference_does_not():
+    actor, critic = make_pair("mt_sac", 1)
+    thresholds = {
+        (rule, scale): make_loss(actor, critic, 1, extreme_loss_rule=rule, reward_scale=scale).extreme_task_threshold()
+        for rule in ("clip", "reference")
+        for scale in (0.1, 1.0, 0.5)
+    }
+    assert thresholds[("clip", 0.1)] == pytest.approx(3000.0)
+    assert thresholds[("clip", 1.0)] == pytest.approx(300_000.0)  # (1.0 / 0.1)^2 = 100
+    assert thresholds[("clip", 0.5)] == pytest.approx(75_000.0)  # (0.5 / 0.1)^2 = 25
+    assert {thresholds[("reference", s)] for s in (0.1, 1.0, 0.5)} == {3000.0}
+    with pytest.raises(ValueError, match="accepted"):
+        make_loss(actor, critic, 1, extreme_loss_rule="sometimes")
+
+
+def test_masked_task_recovers_under_clip_and_stays_frozen_under_reference():
+    """Task 1's loss starts far above the threshold (terminal reward 100, Q near 0: about
+    20,000). Under the default rule it is scaled, keeps learning and falls back under the
+    threshold; under the reference rule it gets no gradient and stays masked at every
+    update while task 0 (reward 0) keeps training."""
+    results = {}
+    for rule, updates in (("clip", 150), ("reference", 60)):
+        torch.manual_seed(0)
+        actor, critic = make_pair("mt_sac", 2)
+        loss = make_loss(actor, critic, 2, extreme_loss_rule=rule)
+        optim = torch.optim.Adam(loss.parameters(), lr=3e-3)
+        masked, task_losses = [], []
+        for _ in range(updates):
+            batch = make_batch(actor, 2, per_task=32)
+            batch["next", "reward"] = 100.0 * (batch["task_id"] == 1).float().unsqueeze(-1)
+            batch["next", "terminated"][:] = True
+            out = loss(batch)
+            optim.zero_grad()
+            (out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]).backward()
+            optim.step()
+            loss.after_update()
+            masked.append(out["task_masked"])
+            task_losses.append(out["task_loss"])
+        results[rule] = torch.stack(masked), torch.stack(task_losses)
+    masked, task_loss = results["clip"]
+    assert masked[0].tolist() == [False, True] and task_loss[0, 1] > 5 * 3000
+    assert not masked[-40:, 1].any() and (task_loss[-40:, 1] < 3000).all()
+    masked, task_loss = results["reference"]
+    assert masked[:, 1].all() and (task_loss[:, 1] > 5 * 3000).all()
+    assert not masked[:, 0].any()
 
 
 def test_alpha_gradient_zero_for_absent_task_and_cap_holds():

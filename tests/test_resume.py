@@ -18,7 +18,7 @@ from torchrl.checkpoint import Checkpoint
 
 import d2r_torchrl
 from d2r_torchrl.data.replay import prepare_transitions, transition_bytes
-from d2r_torchrl.training import preflight
+from d2r_torchrl.training import builders, preflight
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError, read_metadata
 from d2r_torchrl.training.cli import main
 from d2r_torchrl.training.config import ConfigError, apply_overrides, preset
@@ -163,7 +163,8 @@ def _assert_buffer_files_reused(trainer: Trainer) -> None:
     files = manifest["components"]["replay_buffer"]["files"]
     assert [f for f in files if f.startswith("storage/")] == ["storage/memmap_storage.json"], files
     on_disk = sum(f.stat().st_size for f in (trainer.run_dir / "buffer").rglob("*.memmap"))
-    example = prepare_transitions(trainer.eval_env.fake_tensordict(), trainer.num_route_logits)
+    env = builders.env_factory(trainer.config, trainer.tasks)()
+    example = prepare_transitions(env.fake_tensordict(), trainer.num_route_logits)
     per_transition = transition_bytes(trainer.config.buffer.kind, example, trainer.num_tasks)
     assert on_disk == trainer.buffer.storage.max_size * per_transition
 

@@ -13,6 +13,7 @@ from tensordict import TensorDict
 
 from d2r_torchrl.data.replay import TaskStratifiedSampler, make_replay_buffer, prepare_transitions
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
+from d2r_torchrl.training import builders
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError
 from d2r_torchrl.training.cli import main, parse
 from d2r_torchrl.training.config import ConfigError, apply_overrides, preset
@@ -59,6 +60,9 @@ def test_recipe_entry_point_writes_per_task_success(tmp_path):
     ]
     assert len(per_task) == 10 and returns[-1] == pytest.approx(sum(per_task) / 10, rel=1e-5)
     assert returns[-1] > 0  # Meta-World rewards are positive
+    masked = sorted((run_dir / "scalars" / "train" / "masked_updates").glob("*.csv"))
+    counts = [float(list(csv.reader(path.open()))[-1][-1]) for path in masked]
+    assert len(counts) == 10 and all(count in (0.0, 1.0, 2.0) for count in counts)  # of 2 updates per round
 
 
 def _stop_after(trainer: Trainer, updates: int) -> None:
@@ -189,7 +193,7 @@ def test_config_errors_and_help(capsys):
     assert "must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse("d2r", "MT10", ["--help"])
-    assert "buffer.kind = 'prioritized'" in capsys.readouterr().out
+    assert "buffer.kind = 'stratified'" in capsys.readouterr().out
 
 
 def test_presets_follow_reference_values():
@@ -198,6 +202,10 @@ def test_presets_follow_reference_values():
     assert (mt10.collector.total_steps_per_task, mt50.collector.total_steps_per_task) == (1_500_000, 1_000_000)
     assert mt10.buffer.batch_size_per_task * 10 == 1280 and mt50.buffer.batch_size_per_task * 50 == 6400
     assert not preset("mt_sac", "MT10").loss.loss_balancing and preset("soft_modular", "MT50").network.soft_modular_preset == "deep"
+    # random goals (Meta-World v3's standard), per-task uniform replay and the reference's
+    # extreme-task threshold under the rule that cannot freeze a task
+    assert (mt10.env.goals, mt10.buffer.kind) == ("random", "stratified")
+    assert (mt10.loss.extreme_loss_threshold, mt10.loss.extreme_loss_rule) == (3000.0, "clip")
 
 
 def test_readme_example_runs(tmp_path):
@@ -233,7 +241,7 @@ def _transitions_with_nan_reward(trainer: Trainer) -> TensorDict:
     from torchrl.envs.utils import ExplorationType, set_exploration_type
 
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        data = trainer.eval_env.rollout(3, trainer.actor)
+        data = builders.env_factory(trainer.config, trainer.tasks)().rollout(3, trainer.actor)
     data["next", "reward"] = torch.full_like(data["next", "reward"], float("nan"))
     return prepare_transitions(data, trainer.num_route_logits)
 

@@ -28,7 +28,7 @@ def analyse(run_dir: Path, out_dir: Path, episodes: int = 1) -> list[Path]:
     if config.network.architecture != "d2r":
         raise ValueError(f"{run_dir} trained {config.network.architecture!r}; routing analysis needs a D2R run.")
     tasks = builders.task_names(config)
-    env = builders.env_factory(config, tasks, seed_offset=builders.eval_seed_offset(config))()
+    env = builders.env_factory(config, tasks)()
     actor, critic = builders.make_actor_critic(config, env, len(tasks))
     loss, _ = builders.make_loss(config, actor, critic, len(tasks))
     checkpointing.load(Checkpoint(format="archive", loss=loss), run_dir, map_location="cpu")

@@ -215,6 +215,26 @@ def make_replay_buffer(
     return buffer
 
 
+def example_transitions(
+    num_tasks: int, observation_dim: int, action_dim: int, num_route_logits: int | None = None
+) -> TensorDictBase:
+    """One all-zero transition per task ``[T]`` with the keys, shapes and dtypes the env and the
+    actor write (the stored keys of :func:`prepare_transitions`), e.g. to size a buffer."""
+    def flags() -> torch.Tensor:
+        return torch.zeros(num_tasks, 1, dtype=torch.bool)
+
+    step = {"observation": torch.zeros(num_tasks, observation_dim), "task_id": torch.arange(num_tasks)}
+    batch = TensorDict(
+        {
+            **step,
+            "action": torch.zeros(num_tasks, action_dim),
+            "next": {**step, "reward": torch.zeros(num_tasks, 1), "done": flags(), "terminated": flags(), "truncated": flags()},
+        },
+        batch_size=[num_tasks],
+    )
+    return prepare_transitions(batch, num_route_logits)
+
+
 def transition_bytes(kind: str, example: TensorDictBase, num_tasks: int) -> int:
     """Bytes one transition takes in a buffer of ``kind``, measured on a small in-memory buffer
     holding ``example`` (transitions from :func:`prepare_transitions`, one per task): the

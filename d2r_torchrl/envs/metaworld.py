@@ -329,7 +329,7 @@ def make_task_env(
 def make_env(
     benchmark: str | Sequence[str] = "MT10",
     *,
-    goals: Literal["fixed", "random"] = "fixed",
+    goals: Literal["fixed", "random"] = "random",
     seed: int = 0,
     max_episode_steps: int = METAWORLD_MAX_PATH_LENGTH,
     reward_scale: float = 1.0,

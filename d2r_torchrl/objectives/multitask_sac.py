@@ -20,6 +20,8 @@ from d2r_torchrl.modules.task_conditioning import check_task_range, flatten_task
 add_random_module(D2RNetwork)
 
 TASK_KEY = "task_id"
+EXTREME_LOSS_RULES = ("clip", "reference")
+REFERENCE_REWARD_SCALE = 0.1
 
 
 def per_task_mean(
@@ -50,12 +52,33 @@ class MultiTaskSACLoss(SACLoss):
         y = r + gamma (1 - terminated) (min_k Qbar_k(s', a') - alpha_t log pi(a'|s'))
 
     with ``w_t = T softmax(-log alpha)_t`` (detached) when ``loss_balancing`` is on, else 1.
-    The reported losses are ``sum_t keep_t J_t / P``, where ``P`` is the number of tasks
-    present in the batch and ``keep_t`` drops a task whose summed loss exceeds
-    ``extreme_loss_threshold``. With a stratified batch (same count per task, as the
-    reference) this equals the reference's batch mean; with uneven counts (uniform or
-    prioritized sampling) every present task still weighs the same. Priority weights
-    ``w_i`` enter as ``sum_i w_i x_i / n_t``.
+    The reported losses are ``sum_t c_t J_t / P``, where ``P`` is the number of tasks
+    present in the batch and ``c_t`` the extreme-task factor below. With a stratified batch
+    (same count per task, as the reference) this equals the reference's batch mean; with
+    uneven counts (uniform or prioritized sampling) every present task still weighs the
+    same. Priority weights ``w_i`` enter as ``sum_i w_i x_i / n_t``.
+
+    Extreme tasks (``L_t = J_alpha_t + J_pi_t + J_Q_t`` above a threshold ``tau``):
+
+    * ``"reference"`` (the authors' rule): ``tau = extreme_loss_threshold`` as given and
+      ``c_t = 0``. A dropped task gets no gradient at all, its critic included, and the
+      critic term is the only one that can bring ``L_t`` back under ``tau``; the targets
+      keep moving and new data keeps arriving, so the task can stay dropped for good.
+      The reference's 3000 was set at reward scale 0.1; at reward scale 1 the same TD
+      errors give 100 times the loss.
+    * ``"clip"`` (default): ``tau = extreme_loss_threshold * (reward_scale / 0.1)^2`` and
+      ``c_t = tau / L_t`` (detached). The threshold is relative to the reward scale because
+      the loss that makes a task extreme is the critic's: ``Q`` and ``y`` scale linearly
+      with the rewards (alpha scaling with them too), so ``J_Q`` scales with their square
+      and the same ``tau`` means the same thing at 0.1 and at 1.0. Scaling instead of
+      dropping keeps every term of the task, the critic's included, with its direction:
+      the task's share of each shared network's gradient is capped at that of a task with
+      loss ``tau`` (the protection the rule exists for), yet it never stops learning, so its
+      loss can fall back and the factor returns to 1. Adam normalises the gradient's scale,
+      so a task trained alone keeps its step size.
+
+    ``task_masked`` ``[T]`` (bool) flags the tasks above ``tau`` at this update and
+    ``task_scale`` ``[T]`` holds ``c_t`` (1 for kept tasks, 0 for absent ones).
 
     Routing (D2R networks; other networks ignore it): the policy term replays the stored
     behaviour route ``("routing", "path")`` with ResRouting; ``Q(s, a)`` in the TD term
@@ -72,7 +95,10 @@ class MultiTaskSACLoss(SACLoss):
         loss_balancing: multiply policy and critic terms by ``w_t``.
         alpha_init: initial temperature of every task.
         max_log_alpha: cap on ``log alpha`` (``None`` for no cap).
-        extreme_loss_threshold: drop tasks whose loss exceeds it (``None`` keeps all).
+        extreme_loss_threshold: the extreme-task threshold at reward scale 0.1 (``None``
+            turns the rule off).
+        extreme_loss_rule: ``"clip"`` (default) or ``"reference"``, see above.
+        reward_scale: the scale of the rewards in the batch; sets ``tau`` of ``"clip"``.
         time_limit_terminal: treat ``done`` (time limits included) as terminal, as the
             reference code did; by default only ``terminated`` stops bootstrapping.
         deactivate_vmap: run the twin critics one after the other instead of under
@@ -89,6 +115,8 @@ class MultiTaskSACLoss(SACLoss):
         alpha_init: float = 1.0,
         max_log_alpha: float | None = 0.0,
         extreme_loss_threshold: float | None = 3000.0,
+        extreme_loss_rule: str = "clip",
+        reward_scale: float = REFERENCE_REWARD_SCALE,
         time_limit_terminal: bool = False,
         action_spec=None,
         deactivate_vmap: bool = False,
@@ -97,6 +125,10 @@ class MultiTaskSACLoss(SACLoss):
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
         if alpha_init <= 0:
             raise ValueError(f"alpha_init must be positive, got {alpha_init}.")
+        if extreme_loss_rule not in EXTREME_LOSS_RULES:
+            raise ValueError(f"Unknown extreme_loss_rule {extreme_loss_rule!r}; accepted: {list(EXTREME_LOSS_RULES)}.")
+        if reward_scale <= 0:
+            raise ValueError(f"reward_scale must be positive, got {reward_scale}.")
         super().__init__(
             actor_network,
             qvalue_network,
@@ -113,6 +145,8 @@ class MultiTaskSACLoss(SACLoss):
         self.loss_balancing = loss_balancing
         self.max_log_alpha_cap = max_log_alpha
         self.extreme_loss_threshold = extreme_loss_threshold
+        self.extreme_loss_rule = extreme_loss_rule
+        self.reward_scale = reward_scale
         routed = d2r_networks(actor_network)
         self.route_layout = routed[0].layout if routed else None
         actor_keys, critic_keys = (
@@ -139,6 +173,23 @@ class MultiTaskSACLoss(SACLoss):
         if self.max_log_alpha_cap is not None:
             log_alpha = log_alpha.clamp(max=self.max_log_alpha_cap)
         return log_alpha
+
+    def extreme_task_threshold(self) -> float | None:
+        """``tau``: the threshold as given (``"reference"``) or scaled by ``(reward_scale / 0.1)^2``."""
+        if self.extreme_loss_threshold is None or self.extreme_loss_rule == "reference":
+            return self.extreme_loss_threshold
+        return self.extreme_loss_threshold * (self.reward_scale / REFERENCE_REWARD_SCALE) ** 2
+
+    def extreme_task_scale(self, task_loss: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_t [T], masked [T])`` from the detached per-task losses ``L_t`` ``[T]`` and the
+        tasks ``present`` in the batch ``[T]`` (see the class docstring)."""
+        scale = present.to(task_loss.dtype)
+        threshold = self.extreme_task_threshold()
+        if threshold is None:
+            return scale, torch.zeros_like(present)
+        masked = present & (task_loss > threshold)
+        factor = torch.zeros_like(task_loss) if self.extreme_loss_rule == "reference" else threshold / task_loss.clamp(min=threshold)
+        return torch.where(masked, factor, scale), masked
 
     def balancing_weights(self) -> torch.Tensor:
         """``[T]``: ``T softmax(-log alpha)`` when balancing, else ones."""
@@ -195,10 +246,8 @@ class MultiTaskSACLoss(SACLoss):
         alpha_t, actor_t, critic_t = per_task[0], balance * per_task[1], balance * per_task[2]
         task_loss = (alpha_t + actor_t + critic_t).detach()
         present = counts > 0
-        keep = present
-        if self.extreme_loss_threshold is not None:
-            keep = present & (task_loss <= self.extreme_loss_threshold)
-        scale = keep.float() / present.sum().clamp(min=1)
+        task_scale, masked = self.extreme_task_scale(task_loss, present)
+        scale = task_scale / present.sum().clamp(min=1)
 
         td_error = (q_pred - target).abs().max(0).values.detach()
         original.set(self.tensor_keys.priority, td_error.reshape(original.shape))
@@ -209,7 +258,8 @@ class MultiTaskSACLoss(SACLoss):
             "alpha": self._alpha,
             "entropy": -log_prob.detach().mean(),
             "task_loss": task_loss,
-            "task_kept": keep,
+            "task_masked": masked,
+            "task_scale": task_scale,
             "task_count": counts,
             "balancing_weight": balance,
         }

@@ -4,8 +4,10 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import gymnasium as gym
 import torch
 from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollector
+from torchrl.data import Bounded, TensorSpec
 from torchrl.envs import EnvBase
 from torchrl.modules import ProbabilisticActor
 from torchrl.objectives import SoftUpdate
@@ -14,6 +16,7 @@ from d2r_torchrl.data.replay import make_replay_buffer
 from d2r_torchrl.envs.metaworld import make_env, resolve_tasks
 from d2r_torchrl.modules.actor_critic import make_actor, make_critic
 from d2r_torchrl.objectives.multitask_sac import MultiTaskSACLoss
+from d2r_torchrl.training import evaluation
 from d2r_torchrl.training.config import ConfigError, RunConfig
 from d2r_torchrl.training.update import UpdateFn, make_update
 
@@ -57,10 +60,16 @@ def env_factory(config: RunConfig, tasks: tuple[str, ...], *, first_task_id: int
     )
 
 
-def eval_seed_offset(config: RunConfig) -> int:
-    """Evaluation envs keep the training goals when goals are fixed (the goal is drawn from
-    the seed); with random goals they use other seeds than the collector."""
-    return 0 if config.env.goals == "fixed" else 10_000
+def make_eval_envs(config: RunConfig, tasks: tuple[str, ...]) -> gym.vector.SyncVectorEnv:
+    """The gymnasium vector env of Meta-World's evaluation protocol, seeded as the training
+    env: the same pre-sampled goals per task (random goals) or the same goal (fixed)."""
+    return evaluation.make_eval_envs(
+        tasks,
+        goals=config.env.goals,
+        seed=config.seed,
+        max_episode_steps=config.env.max_episode_steps,
+        reward_function_version=config.env.reward_function_version,
+    )
 
 
 def network_kwargs(config: RunConfig) -> dict:
@@ -72,10 +81,21 @@ def network_kwargs(config: RunConfig) -> dict:
     return {}
 
 
-def make_actor_critic(config: RunConfig, env: EnvBase, num_tasks: int) -> tuple[ProbabilisticActor, torch.nn.Module]:
-    observation_dim = env.observation_spec["observation"].shape[-1]
+def policy_specs(env: EnvBase | gym.vector.VectorEnv) -> tuple[int, TensorSpec]:
+    """``(observation size, action spec of one task)`` of a TorchRL env or a gymnasium vector env."""
+    if isinstance(env, gym.vector.VectorEnv):
+        space = env.single_action_space
+        low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (space.low, space.high))
+        return env.single_observation_space.shape[-1], Bounded(low, high, shape=space.shape, dtype=torch.float32)
     action_spec = env.full_action_spec["action"]
     action_spec = action_spec[(0,) * (action_spec.ndim - 1)] if action_spec.ndim > 1 else action_spec
+    return env.observation_spec["observation"].shape[-1], action_spec
+
+
+def make_actor_critic(
+    config: RunConfig, env: EnvBase | gym.vector.VectorEnv, num_tasks: int
+) -> tuple[ProbabilisticActor, torch.nn.Module]:
+    observation_dim, action_spec = policy_specs(env)
     kwargs = network_kwargs(config)
     actor = make_actor(config.network.architecture, observation_dim, action_spec, num_tasks, **kwargs)
     critic = make_critic(config.network.architecture, observation_dim, action_spec.shape[-1], num_tasks, **kwargs)
@@ -91,6 +111,8 @@ def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTa
         alpha_init=config.loss.alpha_init,
         max_log_alpha=config.loss.max_log_alpha,
         extreme_loss_threshold=config.loss.extreme_loss_threshold,
+        extreme_loss_rule=config.loss.extreme_loss_rule,
+        reward_scale=config.env.reward_scale,
         time_limit_terminal=config.loss.time_limit_terminal,
     )
     loss.make_value_estimator(gamma=config.loss.gamma)

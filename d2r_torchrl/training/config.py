@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 @dataclass
 class EnvConfig:
     benchmark: str = "MT10"
-    goals: str = "fixed"
+    goals: str = "random"
     max_episode_steps: int = 200
     reward_scale: float = 0.1
     reward_function_version: str = "v2"
@@ -58,6 +58,7 @@ class LossConfig:
     alpha_init: float = 1.0
     max_log_alpha: typing.Optional[float] = 0.0
     extreme_loss_threshold: typing.Optional[float] = 3000.0
+    extreme_loss_rule: str = "clip"
     time_limit_terminal: bool = False
     target_update_tau: float = 0.005
     actor_lr: float = 3e-4
@@ -79,7 +80,7 @@ class CollectorConfig:
 
 @dataclass
 class BufferConfig:
-    kind: str = "prioritized"
+    kind: str = "stratified"  # the reference's sampler: uniform within each task
     capacity: int = 1_000_000
     batch_size_per_task: int = 128
     memmap_above: int = 2_000_000
@@ -253,6 +254,7 @@ def _choice(key: str, value: Any, accepted: Sequence[Any]) -> None:
 def validate(config: RunConfig) -> RunConfig:
     """Check every value before any work starts; raises :class:`ConfigError`."""
     from d2r_torchrl.envs.metaworld import EXECUTION_MODES, GOAL_MODES, REWARD_VERSIONS, resolve_tasks
+    from d2r_torchrl.objectives.multitask_sac import EXTREME_LOSS_RULES
 
     try:
         tasks = resolve_tasks(config.env.benchmark)
@@ -261,6 +263,7 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("device", config.device.split(":")[0], ("auto", "cpu", "cuda"))
     _choice("env.goals", config.env.goals, GOAL_MODES)
     _choice("env.execution", config.env.execution, EXECUTION_MODES)
+    _choice("loss.extreme_loss_rule", config.loss.extreme_loss_rule, EXTREME_LOSS_RULES)
     _choice("env.reward_function_version", config.env.reward_function_version, REWARD_VERSIONS)
     _choice("network.architecture", config.network.architecture, ALGORITHMS)
     _choice("network.soft_modular_preset", config.network.soft_modular_preset, ("shallow", "deep"))

@@ -17,7 +17,7 @@ from tensordict import TensorDictBase
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger, WandbLogger
 
 import d2r_torchrl
-from d2r_torchrl.data.replay import is_memory_mapped, prepare_transitions, transition_bytes
+from d2r_torchrl.data.replay import example_transitions, is_memory_mapped, prepare_transitions, transition_bytes
 from d2r_torchrl.modules.actor_critic import num_route_logits
 from d2r_torchrl.training import builders, checkpointing, preflight, signals
 from d2r_torchrl.training.config import RESUME_OVERRIDES, ConfigError, RunConfig, apply_overrides, validate
@@ -74,8 +74,8 @@ class Trainer:
         self.num_tasks = len(self.tasks)
         self.run_dir = run_dir or self._new_run_dir()
         preflight.check_writable(self.run_dir)
-        self.eval_env = builders.env_factory(config, self.tasks, seed_offset=builders.eval_seed_offset(config))()
-        actor, critic = builders.make_actor_critic(config, self.eval_env, self.num_tasks)
+        self.eval_envs = builders.make_eval_envs(config, self.tasks)
+        actor, critic = builders.make_actor_critic(config, self.eval_envs, self.num_tasks)
         self.actor = actor.to(self.device)
         self.loss, self.target_updater = builders.make_loss(config, self.actor, critic.to(self.device), self.num_tasks)
         self.optimizers = builders.make_optimizers(config, self.loss)
@@ -109,7 +109,8 @@ class Trainer:
         return run_dir
 
     def _check_disk(self) -> None:
-        example = prepare_transitions(self.eval_env.fake_tensordict(), self.num_route_logits)
+        observation_dim, action_spec = builders.policy_specs(self.eval_envs)
+        example = example_transitions(self.num_tasks, observation_dim, action_spec.shape[-1], self.num_route_logits)
         preflight.check_disk_for_buffer(
             self.run_dir,
             self.buffer.storage.max_size,
@@ -268,10 +269,14 @@ class Trainer:
             self.save()
 
     def _run_pending_updates(self) -> None:
-        """Run the owed updates; a stop signal ends this after the update in progress."""
+        """Run the owed updates (a stop signal ends this after the update in progress); log
+        the last losses and, per task, how many of them found it above the extreme-loss
+        threshold (``train/masked_updates``)."""
         started, done, losses = time.perf_counter(), 0, None
+        masked = torch.zeros(self.num_tasks, device=self.device)
         while self.counters.pending_updates and self._stop_signal is None:
             losses = self.update()
+            masked += losses["task_masked"]
             self.counters.pending_updates -= 1
             done += 1
         if losses is not None:
@@ -282,14 +287,16 @@ class Trainer:
                     raise self._non_finite(error) from None
             self._update_rate = done / (time.perf_counter() - started)
             self._log_losses(losses)
+            self._log_per_task("train/masked_updates", masked)
 
     def _on_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum
 
     def evaluate(self) -> float:
-        """Evaluate; log per-task and mean success and return; returns the mean success."""
+        """Meta-World's evaluation protocol (:func:`evaluate`); logs per-task and mean success
+        and return; returns the mean success."""
         self.actor.eval()
-        result = evaluate(self.actor, self.eval_env, self.config.eval.episodes_per_task, self.config.env.max_episode_steps)
+        result = evaluate(self.actor, self.eval_envs, self.tasks, self.config.eval.episodes_per_task)
         self.actor.train()
         self._log_per_task("eval/success", result.success)
         self._log_per_task("eval/return", result.episode_return)

@@ -1,0 +1,108 @@
+"""Per-round critic statistics of one project MT-SAC run on one task (the parity settings).
+
+    python benchmarks/critic_divergence.py --seed 0 --steps 22000 --out /tmp/div_per \
+        --project buffer.kind=prioritized loss.extreme_loss_rule=reference
+    python benchmarks/critic_divergence.py --seed 0 --steps 22000 --out /tmp/div_uniform \
+        --project buffer.kind=uniform loss.extreme_loss_rule=reference
+    python benchmarks/critic_divergence.py --steps 30000 --out /tmp/div_clip --from /tmp/div_per \
+        --project loss.extreme_loss_rule=clip      # continue a copy of a run with other settings
+
+(``--from`` continues from the run's last checkpoint; for the 20k state of RESULTS.md stop
+the first run at ``--steps 20000``.)
+
+Writes ``OUT/rounds.jsonl``: after every round of updates the mean and max ``|Q - y|``
+(``td_error``, the larger critic), how many updates masked the task, the mean task loss,
+critic loss and entropy, the last alpha; after every evaluation (every 2,000 steps, 20
+episodes) the success. ``--from RUN_DIR`` copies that run's checkpoint (saved at each
+evaluation, replay buffer included) and continues it with ``--project`` applied to its
+configuration. One torch thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from parity_sac import SETTINGS, Hyper, project_overrides  # noqa: E402
+
+from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
+from d2r_torchrl.training.config import RunConfig, apply_overrides, preset  # noqa: E402
+from d2r_torchrl.training.trainer import Trainer  # noqa: E402
+
+STATISTICS = ("td_mean", "td_max", "masked", "task_loss", "critic_loss", "entropy", "alpha")
+
+
+def continue_copy(source: Path, out: Path, overrides: list[str], steps: int) -> Trainer:
+    """A copy of ``source`` in ``out`` with ``overrides`` applied, resumed from its checkpoint."""
+    config = RunConfig.from_dict(json.loads((source / "config.json").read_text()))
+    apply_overrides(config, [*overrides, f"collector.total_steps_per_task={steps}", f"log.root={out.parent}", f"log.name={out.name}"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    shutil.copy(source / CHECKPOINT_NAME, out / CHECKPOINT_NAME)
+    return Trainer.resume(out)
+
+
+def instrument(trainer: Trainer, log_path: Path) -> None:
+    """Record the statistics of every update and write one line per round and evaluation."""
+    log, rows, td_errors = log_path.open("a"), [], []
+    update, evaluate, forward = trainer.update, trainer.evaluate, trainer.loss.forward
+
+    def recorded_forward(tensordict):
+        losses = forward(tensordict)
+        td_errors.append(tensordict.get("td_error"))  # written into the batch by the loss
+        return losses
+
+    def write(record: dict) -> None:
+        log.write(json.dumps({"frames": trainer.counters.frames, **record}) + "\n")
+        log.flush()
+
+    def recorded_update():
+        losses = update()
+        td_error = td_errors.pop()
+        rows.append([float(td_error.mean()), float(td_error.max()), float(losses["task_masked"].any()),
+                     float(losses["task_loss"].sum()), float(losses["loss_qvalue"]), float(losses["entropy"]),
+                     float(losses["alpha"].mean())])
+        if trainer.counters.updates % trainer.config.collector.updates_per_round == 0:
+            stats = torch.tensor(rows)
+            record = dict(zip(STATISTICS, stats.mean(0).tolist()))
+            record.update(td_max=float(stats[:, 1].max()), masked=int(stats[:, 2].sum()), alpha=float(stats[-1, 6]))
+            write(record)
+            rows.clear()
+        return losses
+
+    def recorded_evaluate() -> float:
+        success = evaluate()
+        write({"success": success})
+        return success
+
+    trainer.update, trainer.evaluate, trainer.loss.forward = recorded_update, recorded_evaluate, recorded_forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", default="reach-v3")
+    parser.add_argument("--steps", type=int, default=22_000)
+    parser.add_argument("--set", dest="setting", choices=list(SETTINGS), default="default")
+    parser.add_argument("--project", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--from", dest="source", type=Path, help="continue a copy of this run directory")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.source is not None:
+        trainer = continue_copy(args.source, args.out, args.project, args.steps)
+    else:
+        hyper = Hyper(args.task, args.steps, eval_every=2_000, eval_episodes=20, **SETTINGS[args.setting])
+        config = apply_overrides(preset("mt_sac", "MT10"), project_overrides(hyper, args.seed, args.out, args.project))
+        trainer = Trainer(config)
+    instrument(trainer, args.out / "rounds.jsonl")
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()

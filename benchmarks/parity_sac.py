@@ -1,0 +1,445 @@
+"""Parity: the project's MT-SAC pipeline against a SAC built from stock TorchRL pieces, one task.
+
+    python benchmarks/parity_sac.py --seeds 0 1 2 3 4                 # reach-v3, 50k steps, ~20 min per run and side
+    python benchmarks/parity_sac.py --seeds 0 1 2 --set reference     # reward scale 0.1, alpha lr 1e-4
+    python benchmarks/parity_sac.py --seeds 0 --steps 5000 --out /tmp/parity_smoke   # smoke and timing
+
+Both sides train on the same task with random goals (Meta-World's pre-sampled goals of the
+task, drawn at every reset), 200-step episodes, MLPs 400-400-400 with the same
+initialisation (hidden weights uniform in +-1/sqrt(fan_out), bias 0.1, output layers
+uniform in +-3e-3), a TanhNormal policy (log-std floor -20), twin critics, batch 128,
+rounds of 200 env steps then 200 updates after 20 warm-up rounds collected by the initial
+policy, Adam lr 3e-4 (alpha lr per ``--set``), tau 0.005, gamma 0.99, alpha <= 1, the
+gradient of each network clipped to norm 1, bootstrapping through time limits.
+
+* project: :class:`~d2r_torchrl.training.trainer.Trainer` with the ``mt_sac`` preset and
+  its defaults (replay, loss, extreme-task rule), ``--project KEY=VALUE`` to change them;
+* stock: ``torchrl.objectives.SACLoss``, ``torchrl.modules.MLP``/``NormalParamExtractor``/
+  ``ProbabilisticActor``/``TanhNormal``/``ValueOperator``, a ``Collector`` over a
+  ``GymWrapper`` env and a uniform ``ReplayBuffer``, written here.
+
+Both are evaluated with Meta-World's protocol (:mod:`d2r_torchrl.training.evaluation`)
+every ``--eval-every`` frames. Every run checkpoints each evaluation (replay buffer
+included); the same command skips finished runs and continues interrupted ones (Ctrl-C
+saves). ``summary.md`` gives the IQM success over seeds with 95% stratified-bootstrap
+intervals (``rliable``) at each evaluation point and whether the project's interval
+overlaps the stock one at every point after 20k steps; ``curves.png`` draws them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import matplotlib
+import numpy as np
+import torch
+from torch import nn
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from rliable import library as rly  # noqa: E402
+from rliable import metrics  # noqa: E402
+from tensordict.nn import TensorDictModule  # noqa: E402
+from torchrl.collectors import Collector  # noqa: E402
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer  # noqa: E402
+from torchrl.envs import Compose, DoubleToFloat, GymWrapper, RewardScaling, TransformedEnv  # noqa: E402
+from torchrl.modules import MLP, NormalParamExtractor, ProbabilisticActor, TanhNormal, ValueOperator  # noqa: E402
+from torchrl.objectives import SACLoss, SoftUpdate  # noqa: E402
+
+from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
+from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
+from d2r_torchrl.training.config import apply_overrides, preset  # noqa: E402
+from d2r_torchrl.training.evaluation import evaluate, make_eval_envs  # noqa: E402
+from d2r_torchrl.training.trainer import Trainer  # noqa: E402
+
+SIDES = ("project", "stock")
+SETTINGS = {"default": {"reward_scale": 1.0, "alpha_lr": 3e-4}, "reference": {"reward_scale": 0.1, "alpha_lr": 1e-4}}
+OVERLAP_AFTER = 20_000
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Hyper-parameters shared by both sides."""
+
+    task: str
+    steps: int
+    reward_scale: float
+    alpha_lr: float
+    eval_every: int
+    eval_episodes: int
+    hidden: tuple[int, ...] = (400, 400, 400)
+    batch_size: int = 128
+    steps_per_round: int = 200
+    updates_per_round: int = 200
+    warmup_rounds: int = 20
+    lr: float = 3e-4
+    tau: float = 0.005
+    gamma: float = 0.99
+    episode_steps: int = 200
+    grad_clip: float = 1.0
+
+    @property
+    def warmup_frames(self) -> int:
+        return self.warmup_rounds * self.steps_per_round
+
+    @property
+    def capacity(self) -> int:
+        return max(self.steps, self.warmup_frames + self.steps_per_round)
+
+
+# ------------------------------------------------------------------------------ project side
+def project_overrides(hyper: Hyper, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
+    rounds_per_eval = hyper.eval_every // hyper.steps_per_round
+    return [
+        f"env.benchmark={hyper.task}",
+        "env.goals=random",
+        f"env.max_episode_steps={hyper.episode_steps}",
+        f"env.reward_scale={hyper.reward_scale}",
+        f"loss.alpha_lr={hyper.alpha_lr}",
+        f"loss.actor_lr={hyper.lr}",
+        f"loss.critic_lr={hyper.lr}",
+        f"loss.target_update_tau={hyper.tau}",
+        f"loss.gamma={hyper.gamma}",
+        f"loss.grad_clip_norm={hyper.grad_clip}",
+        f"collector.steps_per_task={hyper.steps_per_round}",
+        f"collector.updates_per_round={hyper.updates_per_round}",
+        f"collector.warmup_rounds={hyper.warmup_rounds}",
+        f"collector.total_steps_per_task={hyper.steps}",
+        f"buffer.batch_size_per_task={hyper.batch_size}",
+        f"buffer.capacity={hyper.capacity}",
+        "buffer.in_checkpoint=true",
+        f"eval.interval_rounds={rounds_per_eval}",
+        f"eval.episodes_per_task={hyper.eval_episodes}",
+        f"log.checkpoint_interval_rounds={rounds_per_eval}",
+        "log.progress_bar=false",
+        "device=cpu",
+        *extra,
+        f"seed={seed}",
+        f"log.root={run_dir.parent}",
+        f"log.name={run_dir.name}",
+    ]
+
+
+def run_project(hyper: Hyper, seed: int, run_dir: Path, extra: list[str]) -> bool:
+    """Train (or resume) one project run; returns whether it finished."""
+    if (run_dir / CHECKPOINT_NAME).exists():
+        trainer = Trainer.resume(run_dir)
+    else:
+        trainer = Trainer(apply_overrides(preset("mt_sac", "MT10"), project_overrides(hyper, seed, run_dir, extra)))
+    trainer.train()
+    return not trainer.interrupted
+
+
+def project_curve(run_dir: Path) -> tuple[list[float], list[float]]:
+    return read_scalar_csv(run_dir / "scalars" / "eval" / "success_mean.csv")
+
+
+# -------------------------------------------------------------------------------- stock side
+def reference_init_(mlp: nn.Sequential) -> nn.Sequential:
+    """Hidden ``Linear`` layers: weights uniform in +-1/sqrt(out_features), bias 0.1; the
+    output layer: weights and bias uniform in +-3e-3."""
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for layer in linears[:-1]:
+            bound = 1.0 / math.sqrt(layer.out_features)
+            layer.weight.uniform_(-bound, bound)
+            layer.bias.fill_(0.1)
+        linears[-1].weight.uniform_(-3e-3, 3e-3)
+        linears[-1].bias.uniform_(-3e-3, 3e-3)
+    return mlp
+
+
+def stock_env(hyper: Hyper, seed: int) -> TransformedEnv:
+    """The task as a ``GymWrapper`` (float32 observations, rewards times ``reward_scale``)."""
+    env = gym.make(
+        "Meta-World/MT1", env_name=hyper.task, seed=seed, max_episode_steps=hyper.episode_steps, disable_env_checker=True
+    )
+    return TransformedEnv(GymWrapper(env), Compose(DoubleToFloat(), RewardScaling(loc=0.0, scale=hyper.reward_scale)))
+
+
+def stock_sac(hyper: Hyper, env: TransformedEnv) -> tuple[ProbabilisticActor, SACLoss]:
+    observation_dim = env.observation_spec["observation"].shape[-1]
+    action_spec = env.full_action_spec["action"]
+    action_dim = action_spec.shape[-1]
+
+    def mlp(in_features: int, out_features: int) -> MLP:
+        net = MLP(in_features=in_features, out_features=out_features, num_cells=list(hyper.hidden), activation_class=nn.ReLU)
+        return reference_init_(net)
+
+    policy_head = nn.Sequential(mlp(observation_dim, 2 * action_dim), NormalParamExtractor("exp", scale_lb=math.exp(-20)))
+    actor = ProbabilisticActor(
+        TensorDictModule(policy_head, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        spec=action_spec,
+        distribution_class=TanhNormal,
+        distribution_kwargs={"low": action_spec.space.low, "high": action_spec.space.high, "tanh_loc": False},
+        return_log_prob=True,
+    )
+    critic = ValueOperator(mlp(observation_dim + action_dim, 1), in_keys=["observation", "action"])
+    loss = SACLoss(actor, critic, num_qvalue_nets=2, loss_function="l2", alpha_init=1.0, max_alpha=1.0)
+    loss.make_value_estimator(gamma=hyper.gamma)
+    return actor, loss
+
+
+def clip_each_network_(loss: SACLoss, max_norm: float) -> None:
+    """Clip the actor's, each critic's (stacked on dim 0) and alpha's gradient to ``max_norm``."""
+    torch.nn.utils.clip_grad_norm_(list(loss.actor_network_params.values(True, True)), max_norm)
+    torch.nn.utils.clip_grad_norm_([loss.log_alpha], max_norm)
+    grads = [p.grad for p in loss.qvalue_network_params.values(True, True) if p.grad is not None]
+    norms = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(factor.view(-1, *[1] * (grad.ndim - 1)))
+
+
+class StockRun:
+    """One stock-SAC run with its own checkpoint ``run_dir/state.pt`` (networks, optimisers,
+    replay buffer, counters, evaluations)."""
+
+    def __init__(self, hyper: Hyper, seed: int, run_dir: Path) -> None:
+        self.hyper, self.seed, self.run_dir = hyper, seed, run_dir
+        torch.manual_seed(seed)
+        self.actor, self.loss = stock_sac(hyper, stock_env(hyper, seed))
+        self.target_updater = SoftUpdate(self.loss, tau=hyper.tau)
+        self.optimizers = {
+            "actor": torch.optim.Adam(self.loss.actor_network_params.values(True, True), lr=hyper.lr),
+            "critic": torch.optim.Adam(self.loss.qvalue_network_params.values(True, True), lr=hyper.lr),
+            "alpha": torch.optim.Adam([self.loss.log_alpha], lr=hyper.alpha_lr),
+        }
+        self.buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(hyper.capacity), batch_size=hyper.batch_size)
+        self.frames, self.updates, self.evals = 0, 0, []
+        self.eval_envs = make_eval_envs([hyper.task], goals="random", seed=seed, max_episode_steps=hyper.episode_steps)
+        if (run_dir / "state.pt").exists():
+            self.load()
+
+    def state_dict(self) -> dict:
+        return {
+            "loss": self.loss.state_dict(),
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "buffer": self.buffer.state_dict(),
+            "counters": {"frames": self.frames, "updates": self.updates},
+            "evals": self.evals,
+            "rng": torch.get_rng_state(),
+        }
+
+    def save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        partial = self.run_dir / "state.pt.partial"
+        torch.save(self.state_dict(), partial)
+        os.replace(partial, self.run_dir / "state.pt")
+
+    def load(self) -> None:
+        state = torch.load(self.run_dir / "state.pt", weights_only=False)
+        self.loss.load_state_dict(state["loss"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.buffer.load_state_dict(state["buffer"])
+        self.frames, self.updates = state["counters"]["frames"], state["counters"]["updates"]
+        self.evals = state["evals"]
+        torch.set_rng_state(state["rng"])
+
+    def update(self) -> None:
+        losses = self.loss(self.buffer.sample())
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        (losses["loss_actor"] + losses["loss_qvalue"] + losses["loss_alpha"]).backward()
+        clip_each_network_(self.loss, self.hyper.grad_clip)
+        for opt in self.optimizers.values():
+            opt.step()
+        self.target_updater.step()
+        self.updates += 1
+
+    def evaluate(self) -> None:
+        self.actor.eval()
+        result = evaluate(self.actor, self.eval_envs, [self.hyper.task], self.hyper.eval_episodes)
+        self.actor.train()
+        self.evals.append([self.frames, float(result.success.mean())])
+
+    def train(self) -> bool:
+        """Collect, update and evaluate until ``steps`` frames; Ctrl-C saves and returns False."""
+        hyper = self.hyper
+        # a resumed run does not replay the goal draws of its first rounds
+        env = stock_env(hyper, self.seed + self.frames // hyper.steps_per_round)
+        collector = Collector(
+            env,
+            self.actor,
+            frames_per_batch=hyper.steps_per_round,
+            total_frames=hyper.steps - self.frames,
+            auto_register_policy_transforms=False,
+        )
+        try:
+            for data in collector:
+                self.buffer.extend(data.reshape(-1))
+                self.frames += data.numel()
+                if len(self.buffer) > hyper.warmup_frames:
+                    for _ in range(hyper.updates_per_round):
+                        self.update()
+                if self.frames % hyper.eval_every == 0:
+                    self.evaluate()
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            return False
+        finally:
+            collector.shutdown()
+        self.save()
+        return True
+
+
+# ---------------------------------------------------------------------------------- driver
+def run_all(out: Path, hyper: Hyper, seeds: list[int], sides: list[str], extra: list[str]) -> None:
+    """Train every (side, seed) not finished yet; ``benchmark.json`` records whether it
+    finished, its wall and CPU seconds (summed over resumed segments, set-up included)."""
+    for side in sides:
+        for seed in seeds:
+            run_dir = out / f"{side}_seed{seed}"
+            record = run_dir / "benchmark.json"
+            state = {"done": False, "seconds": 0.0, "cpu_seconds": 0.0}
+            state.update(json.loads(record.read_text()) if record.exists() else {})
+            if state["done"]:
+                continue
+            wall, cpu = time.perf_counter(), time.process_time()
+            finished = run_project(hyper, seed, run_dir, extra) if side == "project" else StockRun(hyper, seed, run_dir).train()
+            state.update(
+                done=finished,
+                seconds=state["seconds"] + time.perf_counter() - wall,
+                cpu_seconds=state["cpu_seconds"] + time.process_time() - cpu,
+            )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(state, indent=2))
+            if not finished:
+                raise SystemExit(f"Interrupted: {run_dir} is saved; the same command continues it.")
+
+
+def success_matrix(out: Path, side: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames [P], success [runs, P])`` over the evaluation points every run reached."""
+    curves = []
+    for seed in seeds:
+        run_dir = out / f"{side}_seed{seed}"
+        if side == "project":
+            curves.append(project_curve(run_dir))
+        else:
+            evals = torch.load(run_dir / "state.pt", weights_only=False)["evals"]
+            curves.append(([f for f, _ in evals], [s for _, s in evals]))
+    points = min(len(frames) for frames, _ in curves)
+    return np.asarray(curves[0][0][:points]), np.asarray([values[:points] for _, values in curves])
+
+
+def iqm_with_intervals(scores: np.ndarray, reps: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+    """IQM over runs at each point and its 95% stratified-bootstrap interval, with rliable:
+    ``scores`` ``[runs, P]`` -> ``(iqm [P], interval [2, P])``."""
+
+    def iqm_per_point(values: np.ndarray) -> np.ndarray:  # [runs, tasks=1, P]
+        return np.array([metrics.aggregate_iqm(values[..., p]) for p in range(values.shape[-1])])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # arch deprecates RandomState, which rliable passes on
+        point, interval = rly.get_interval_estimates(
+            {"runs": scores[:, None, :]}, iqm_per_point, reps=reps, random_state=np.random.RandomState(0)
+        )
+    return point["runs"], interval["runs"]
+
+
+def summarise(out: Path, seeds: list[int], title: str) -> dict:
+    curves = {side: success_matrix(out, side, seeds) for side in SIDES}
+    points = min(len(frames) for frames, _ in curves.values())
+    frames = curves["project"][0][:points]
+    stats = {side: iqm_with_intervals(success[:, :points]) for side, (_, success) in curves.items()}
+    late = frames > OVERLAP_AFTER
+    (p_lo, p_hi), (s_lo, s_hi) = stats["project"][1], stats["stock"][1]
+    overlap = np.maximum(p_lo, s_lo) <= np.minimum(p_hi, s_hi)
+    summary = {
+        "frames": frames.tolist(),
+        **{side: {"iqm": stats[side][0].tolist(), "ci95": stats[side][1].tolist()} for side in SIDES},
+        "overlap": overlap.tolist(),
+        "overlap_after_20k": bool(overlap[late].all()) if late.any() else None,
+        **{
+            key: {side: [_record(out, side, s)[field] for s in seeds] for side in SIDES}
+            for key, field in (("wall_seconds", "seconds"), ("cpu_seconds", "cpu_seconds"))
+        },
+    }
+    _plot(out / "curves.png", frames, stats, title)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(_table(summary, seeds, title))
+    return summary
+
+
+def _record(out: Path, side: str, seed: int) -> dict:
+    return json.loads((out / f"{side}_seed{seed}" / "benchmark.json").read_text())
+
+
+def _plot(path: Path, frames: np.ndarray, stats: dict, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for side, (iqm, (low, high)) in stats.items():
+        (line,) = ax.plot(frames, iqm, marker="o", label=side)
+        ax.fill_between(frames, low, high, color=line.get_color(), alpha=0.2)
+    ax.axvline(OVERLAP_AFTER, color="grey", linestyle=":")
+    ax.set(xlabel="env steps", ylabel="IQM success (95% CI)", ylim=(0, 1), title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _table(summary: dict, seeds: list[int], title: str) -> str:
+    def cell(side: str, i: int) -> str:
+        low, high = summary[side]["ci95"][0][i], summary[side]["ci95"][1][i]
+        return f"{summary[side]['iqm'][i]:.2f} [{low:.2f}, {high:.2f}]"
+
+    lines = [
+        f"{title}; seeds {seeds}; IQM success over seeds [95% bootstrap CI]",
+        "",
+        "| env steps | project | stock | intervals overlap |",
+        "|---|---|---|---|",
+        *[
+            f"| {frames:,.0f} | {cell('project', i)} | {cell('stock', i)} | {'yes' if summary['overlap'][i] else 'NO'} |"
+            for i, frames in enumerate(summary["frames"])
+        ],
+        "",
+        f"Project's interval overlaps stock's at every point after {OVERLAP_AFTER:,} steps: {summary['overlap_after_20k']}",
+        "",
+        *[
+            f"{label} per run: "
+            + "; ".join(f"{side} {', '.join(f'{s:.0f}' for s in summary[key][side])}" for side in SIDES)
+            for key, label in (("wall_seconds", "Wall seconds"), ("cpu_seconds", "CPU seconds"))
+        ],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--task", default="reach-v3")
+    parser.add_argument("--steps", type=int, default=50_000)
+    parser.add_argument("--set", dest="setting", choices=list(SETTINGS), default="default",
+                        help="default: reward scale 1, alpha lr 3e-4; reference: reward scale 0.1, alpha lr 1e-4")
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
+    parser.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
+    parser.add_argument("--eval-episodes", type=int, default=50, help="episodes per evaluation (Meta-World's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--project", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides of the project side, e.g. --project buffer.kind=stratified")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/out/parity/<set>_<task>")
+    args = parser.parse_args()
+    if args.eval_every % 200 or args.steps % args.eval_every:
+        parser.error("--eval-every must be a multiple of the 200-step round and divide --steps.")
+    torch.set_num_threads(args.threads)
+    hyper = Hyper(args.task, args.steps, eval_every=args.eval_every, eval_episodes=args.eval_episodes, **SETTINGS[args.setting])
+    out = args.out or Path("benchmarks/out/parity") / f"{args.setting}_{args.task}"
+    out.mkdir(parents=True, exist_ok=True)
+    run_all(out, hyper, args.seeds, args.sides, args.project)
+    if set(args.sides) == set(SIDES):
+        summarise(out, args.seeds, f"{args.task}, {args.setting} settings, {args.steps:,} steps")
+        print((out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
