@@ -202,14 +202,16 @@ def select_routes(
 
 def slot_weights(logits: torch.Tensor, index: torch.Tensor, layout: GateLayout) -> torch.Tensor:
     """Mixing weights ``[..., N, k]``: the softmax of the gate's logits restricted to its
-    selected sources (0 on padding slots). Equals :func:`route_weights` gathered at ``index``."""
+    selected sources (0 on padding slots). Equals :func:`route_weights` gathered at ``index``
+    (``tests/test_routing_slots.py``)."""
     selected = logits.gather(-1, index).masked_fill(~layout.slot_valid, float("-inf"))
     return torch.softmax(selected, dim=-1)
 
 
 def slot_endorsement(logits: torch.Tensor, index: torch.Tensor, layout: GateLayout) -> torch.Tensor:
     """ResRouting endorsement of each selected source, ``[..., N, k]`` bool: the
-    :func:`endorsement_mask` gathered at ``index`` (False on padding slots)."""
+    :func:`endorsement_mask` gathered at ``index`` (False on padding slots;
+    ``tests/test_routing_slots.py``)."""
     probs = torch.softmax(logits.detach(), dim=-1).gather(-1, index)
     return (probs > layout.endorse_threshold[:, None]) & layout.slot_valid
 
