@@ -78,6 +78,20 @@ def test_compiled_update_matches_eager(architecture: str) -> None:
     assert not torch.equal(compiled_loss.log_alpha, torch.zeros(TASKS)), "the updates changed the parameters"
 
 
+def test_compiled_update_stops_recompiling() -> None:
+    """After its first two calls (one compile per optimiser, one for the routing state the
+    first call leaves behind) the compiled D2R update runs without recompiling."""
+    torch._dynamo.reset()
+    loss, optimizers, updater = build("d2r")
+    batch = fixed_batch(loss)
+    update = make_update(loss, optimizers, updater, compile=True, backend="aot_eager")
+    for _ in range(2):
+        update(batch.clone())
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            update(batch.clone())
+
+
 def test_check_finite_names_the_losses() -> None:
     losses = TensorDict(loss_actor=torch.tensor(1.0), loss_qvalue=torch.tensor(float("nan")), loss_alpha=torch.tensor(0.0))
     with pytest.raises(NonFiniteLossError, match="loss_qvalue"):

@@ -274,7 +274,6 @@ class _ModuleChain(torch.autograd.Function):
             tensor = tensor.movedim(dim, ensemble_dim)
             return tensor.flatten(ensemble_dim, ensemble_dim + 1)
 
-        members = first.shape[1 if in_dims[0] == 0 or in_dims[0] is None else 0]
         mixed, outputs, active = _ModuleChain.apply(
             fold(first, in_dims[0], 0),
             fold(index, in_dims[1], 1),
@@ -283,8 +282,9 @@ class _ModuleChain(torch.autograd.Function):
             *[fold(p, d, 0) for p, d in zip(params, in_dims[4:])],
         )
 
-        unfold = (mixed.unflatten(0, (size, -1)), outputs.unflatten(1, (size, -1)), active.unflatten(1, (size, -1)))
-        return unfold, (0, 1, 1)
+        # the buffers' sample dimension is (V * E * B): split V back out of it
+        unfolded = (mixed.unflatten(0, (size, -1)), outputs.unflatten(1, (size, -1)), active.unflatten(1, (size, -1)))
+        return unfolded, (0, 1, 1)
 
 
 def _flat_rows(index: torch.Tensor) -> torch.Tensor:

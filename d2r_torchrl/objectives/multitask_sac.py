@@ -268,6 +268,19 @@ class MultiTaskSACLoss(SACLoss):
             out["route_depth"] = torch.where(present, depth, torch.nan)
         return TensorDict(out, batch_size=[])
 
+    def _critics(self, tensordict: TensorDictBase, params: TensorDictBase) -> TensorDictBase:
+        """The twin critics with ``params`` stacked on dim 0 -> outputs ``[2, *B]``: under
+        ``torch.vmap``, or (``deactivate_vmap``) one after the other. The loop is written
+        here rather than taken from TorchRL's pseudo-vmap, which edits the pytree registry
+        on every call and so makes ``torch.compile`` recompile the loss each time."""
+        if not self.deactivate_vmap:
+            return self._vmap_qnetworkN0(tensordict, params)
+        outputs = []
+        for member in params.unbind(0):
+            with member.to_module(self.qvalue_network, preserve_module_state=False):
+                outputs.append(self.qvalue_network(tensordict.copy()))
+        return torch.stack(outputs)
+
     def _critic_terms(self, tensordict: TensorDictBase, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q_k(s, a) [2, B] with sampled routes, TD target y [B])``."""
         with torch.no_grad():
@@ -281,14 +294,14 @@ class MultiTaskSACLoss(SACLoss):
                 if key not in next_td.keys(True, True):
                     next_td.set(key, tensordict.get(("next", key)))
             with set_routing_mode(RoutingMode.TOPK):
-                next_q = self._vmap_qnetworkN0(next_td, self.target_qvalue_network_params)
+                next_q = self._critics(next_td, self.target_qvalue_network_params)
             next_value = next_q.get(self.tensor_keys.state_action_value).squeeze(-1).min(0).values
             next_value = next_value - alpha * next_log_prob
             target_td = tensordict.select("next", strict=False).copy()
             target_td.set(("next", self.value_estimator.tensor_keys.value), next_value.unsqueeze(-1))
             target = self.value_estimator.value_estimate(target_td).squeeze(-1)
         with set_routing_mode(RoutingMode.SAMPLE):
-            pred = self._vmap_qnetworkN0(
+            pred = self._critics(
                 tensordict.select(*self.qvalue_network.in_keys, strict=False), self.qvalue_network_params
             )
         return pred.get(self.tensor_keys.state_action_value).squeeze(-1), target
@@ -305,7 +318,7 @@ class MultiTaskSACLoss(SACLoss):
         q_td = tensordict.select(*self.qvalue_network.in_keys, strict=False).copy()
         q_td.set(self.tensor_keys.action, action)
         with set_routing_mode(RoutingMode.TOPK):
-            q = self._vmap_qnetworkN0(q_td, self._cached_detached_qvalue_params)
+            q = self._critics(q_td, self._cached_detached_qvalue_params)
         min_q = q.get(self.tensor_keys.state_action_value).squeeze(-1).min(0).values
         route = actor_td.get(ROUTE_KEY, None) if self.route_layout is not None else None
         if route is not None:
