@@ -138,9 +138,7 @@ def make_update(
     step = functools.partial(optimizer_step, optimizers, grad_clip_norm, stacked)
     forward = loss
     if compile:
-        if not loss.deactivate_vmap:
-            loss.deactivate_vmap = True
-            loss._make_vmap()
+        loss.deactivate_vmap = True  # read by MultiTaskSACLoss._critics on every call
         forward = torch.compile(loss, fullgraph=True, mode=mode, backend=backend)
         step = torch.compile(step, mode=mode, backend=backend)  # Optimizer.step breaks the graph by design
 
