@@ -297,8 +297,8 @@ class StockRun:
 def run_all(out: Path, hyper: Hyper, seeds: list[int], sides: list[str], extra: list[str]) -> None:
     """Train every (side, seed) not finished yet; ``benchmark.json`` records whether it
     finished, its wall and CPU seconds (summed over resumed segments, set-up included)."""
-    for side in sides:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: an unfinished benchmark still has paired seeds
+        for side in sides:
             run_dir = out / f"{side}_seed{seed}"
             record = run_dir / "benchmark.json"
             state = {"done": False, "seconds": 0.0, "cpu_seconds": 0.0}

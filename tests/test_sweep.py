@@ -30,6 +30,17 @@ def test_plan_crosses_methods_benchmarks_and_seeds(tmp_path):
         plan_sweep(tmp_path, ["d2r"], [0], ["MT10"], ["collector.steps_per_task=0"])
 
 
+def test_plan_accepts_a_task_list_as_benchmark(tmp_path):
+    tasks = "reach-v3,window-open-v3"
+    (run,) = plan_sweep(tmp_path, ["soft_modular"], [1], [tasks])
+    assert run.config.env.benchmark == tasks and run.group == "soft_modular_reach-v3+window-open-v3"
+    assert run.config.network.soft_modular_preset == preset("soft_modular", "MT10").network.soft_modular_preset
+    with pytest.raises(ConfigError, match="set per run"):
+        plan_sweep(tmp_path, ["d2r"], [0], ["MT10"], ["env.benchmark=MT50"])
+    with pytest.raises(ConfigError, match="Unknown benchmark"):
+        plan_sweep(tmp_path, ["d2r"], [0], ["reach-v3,open-the-fridge"])
+
+
 def test_resources_follow_device_and_collector(tmp_path):
     config = preset("d2r", "MT10")
     assert run_resources(config, cluster_gpus=0) == {"num_cpus": 1, "num_gpus": 0}

@@ -37,7 +37,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[S
     parser.add_argument("--preset", choices=list(PRESETS), help="named sweep: methods, benchmarks and overrides")
     parser.add_argument("--methods", nargs="+", choices=list(ALGORITHMS), help="default: the preset's, else d2r")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--benchmarks", nargs="+", help="MT10 and/or MT50; default: the preset's, else MT10")
+    parser.add_argument("--benchmarks", nargs="+", help="MT10, MT50 or comma-separated task names (reach-v3,window-open-v3); default: the preset's, else MT10")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep folder (default runs/sweep)")
     parser.add_argument("--address", default="local", help="Ray cluster to join (HOST:PORT or auto); default: start a local one")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local cluster (default: all)")
