@@ -1,9 +1,11 @@
 """Routing statistics on hand-made routes and a network whose routes are forced."""
 import json
+import shutil
 
+import pytest
 import torch
 
-from d2r_torchrl.analysis import logit_spread, routing_statistics, summarise_routes
+from d2r_torchrl.analysis import depth_test, logit_spread, routing_statistics, summarise_routes
 from d2r_torchrl.analysis.__main__ import main as analysis_main
 from d2r_torchrl.modules.d2r import D2RNetwork
 from d2r_torchrl.modules.routing import GateLayout, route_depth
@@ -34,6 +36,21 @@ def test_summarise_routes_per_task():
     assert stats.samples.tolist() == [2.0, 1.0, 0.0]
     torch.testing.assert_close(stats.edge_frequency[0], (CHAIN.float() + SHORT.float()) / 2)
     torch.testing.assert_close(stats.edge_frequency[1], SKIP.float())
+    # depths: task 0 has CHAIN (4) and SHORT (1), task 1 has SKIP (3), task 2 nothing
+    assert stats.depth_histogram.tolist() == [[1, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_depth_test_hand_worked():
+    same = torch.tensor([[0, 5, 0, 0], [0, 7, 0, 0], [0, 0, 0, 0]])
+    assert depth_test(same) == (0.0, 1.0)
+    # 20 states at depth 1 against 20 at depth 4: ranks 10.5 and 30.5, H = 12/(40*41) *
+    # 20 * (10.5^2 + 30.5^2) - 3*41 = 29.27, over the tie correction 1 - 2*(20^3-20)/(40^3-40)
+    # = 0.7505: H = 39 (N - 1 for fully separated groups); chi2(1) tail = 4.2e-10
+    separated = torch.tensor([[20, 0, 0, 0], [0, 0, 0, 20]])
+    result = depth_test(separated)
+    assert result.statistic == pytest.approx(39.0) and result.p_value == pytest.approx(4.22e-10, rel=1e-2)
+    with pytest.raises(ValueError, match="two tasks"):
+        depth_test(torch.tensor([[3, 1], [0, 0]]))
 
 
 def test_logit_spread_hand_worked():
@@ -89,4 +106,14 @@ def test_analysis_cli_writes_pictures(tmp_path):
     assert list(summary["tasks"]) == ["reach-v3", "push-v3"]
     assert all(1 <= task["mean_depth"] <= 16 and task["states"] == 10 for task in summary["tasks"].values())
     assert summary["logit_spread_across_logits"] > 0
+    for task in summary["tasks"].values():
+        assert sum(task["depth_histogram"].values()) == 10
+    assert 0.0 <= summary["depth_test"]["p_value"] <= 1.0
+    # two runs (a copy stands for a second seed): a table with a column per run
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    assert analysis_main([str(tmp_path / "run"), str(tmp_path / "copy")]) == 0
+    table = (tmp_path / "depth_across_runs.md").read_text().splitlines()
+    assert "| task | run | copy | mean |" in table
+    reach = next(line for line in table if line.startswith("| reach-v3 |")).split("|")
+    assert float(reach[2]) == float(reach[3]) == pytest.approx(summary["tasks"]["reach-v3"]["mean_depth"], abs=0.005)
     assert analysis_main([str(tmp_path / "missing")]) == 2

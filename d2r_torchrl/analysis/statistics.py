@@ -3,7 +3,9 @@ the router's logits depend on the state and the task."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from d2r_torchrl.modules.d2r import D2RNetwork
@@ -58,12 +60,15 @@ class RoutingStatistics:
             states whose gate ``g`` (row ``g < N - 1`` feeds module ``g + 2``, the last row
             feeds the output head) selects module ``j + 1``.
         mean_depth: ``[T]`` mean number of modules on the longest chain of the route.
+        depth_histogram: ``[T, N]``; entry ``[t, d]`` counts task ``t``'s states whose
+            route has depth ``d + 1``.
         samples: ``[T]`` states per task.
         spread: router-logit spread, when the logits were given.
     """
 
     edge_frequency: torch.Tensor
     mean_depth: torch.Tensor
+    depth_histogram: torch.Tensor
     samples: torch.Tensor
     spread: LogitSpread | None = None
 
@@ -75,11 +80,15 @@ def summarise_routes(
     (and, with the router's flat ``logits`` ``[M, L]``, their spread)."""
     flat = selected.flatten(-2).float().transpose(0, 1)
     frequency, counts = per_task_mean(flat, task_id, num_tasks)
-    depth, _ = per_task_mean(route_depth(selected).float(), task_id, num_tasks)
+    depths = route_depth(selected)
+    depth, _ = per_task_mean(depths.float(), task_id, num_tasks)
     num_modules = selected.shape[-1]
+    histogram = torch.zeros(num_tasks * num_modules, dtype=torch.long)
+    histogram.index_add_(0, (task_id * num_modules + depths - 1).cpu(), torch.ones_like(depths).cpu())
     return RoutingStatistics(
         edge_frequency=frequency.transpose(0, 1).reshape(num_tasks, num_modules, num_modules),
         mean_depth=depth,
+        depth_histogram=histogram.view(num_tasks, num_modules),
         samples=counts,
         spread=None if logits is None else logit_spread(logits, task_id, num_tasks),
     )
@@ -92,3 +101,29 @@ def routing_statistics(network: D2RNetwork, features: torch.Tensor, task_id: tor
         _, flat_logits, flat_route = network(features, task_id)
     selected = network.layout.pad(flat_route, fill=False)
     return summarise_routes(selected, task_id.reshape(-1).long(), network.num_tasks, flat_logits)
+
+
+class DepthTest(NamedTuple):
+    """Kruskal-Wallis test of "route depth has the same distribution in every task" over
+    the states of the tasks that have some. States of one episode are correlated, so the
+    p-value overstates the evidence; repeat over seeds before concluding."""
+
+    statistic: float
+    p_value: float
+
+
+def depth_test(depth_histogram: torch.Tensor) -> DepthTest:
+    """:class:`DepthTest` from per-task depth counts ``[T, N]`` (see :class:`RoutingStatistics`).
+    Every state at the same depth gives ``statistic=0, p_value=1``."""
+    depths = np.arange(1, depth_histogram.shape[-1] + 1)
+    samples = [np.repeat(depths, counts) for counts in depth_histogram.cpu().numpy() if counts.sum()]
+    if len(samples) < 2:
+        raise ValueError(f"Comparing depths needs states of two tasks or more, got {len(samples)}.")
+    if len({value for sample in samples for value in np.unique(sample)}) == 1:
+        return DepthTest(0.0, 1.0)
+    try:
+        from scipy.stats import kruskal
+    except ImportError as error:
+        raise ImportError("The depth test needs scipy: pip install 'd2r-torchrl[analysis]'.") from error
+    result = kruskal(*samples)
+    return DepthTest(float(result.statistic), float(result.pvalue))
