@@ -27,6 +27,8 @@ from d2r_torchrl.modules import (
     make_critic,
     set_routing_mode,
 )
+from d2r_torchrl.modules import d2r as d2r_module
+from d2r_torchrl.modules.module_chain import ChainKernels, chain_kernels
 from d2r_torchrl.modules.routing import GateLayout, select_routes
 
 IN, TASKS, OUT = 6, 3, 4
@@ -366,9 +368,11 @@ def test_res_routing_cuts_non_endorsed_module_weights() -> None:
 
 @pytest.mark.parametrize("case", [_forced_case, _random_case], ids=["forced", "random"])
 @pytest.mark.parametrize("res_routing", [True, False])
-def test_gradients_match_a_gate_by_gate_implementation(case, res_routing: bool) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled_kernels"])
+def test_gradients_match_a_gate_by_gate_implementation(case, res_routing: bool, compiled: bool) -> None:
     net, features, task_id, route = case()
     net.res_routing = res_routing
+    net.compile_chain = compiled
     net.train()
     direction = torch.randn(len(features), OUT, dtype=torch.float64)
     with set_routing_mode("behaviour"):
@@ -382,6 +386,27 @@ def test_gradients_match_a_gate_by_gate_implementation(case, res_routing: bool) 
     if res_routing:
         plain = _gradients(net, reference_forward(net, features, task_id, route, False), direction)
         assert any(not torch.allclose(plain[name], grads[name]) for name in grads)
+    if compiled:  # the compiled kernels ran (no fallback to the eager ones)
+        kernels = chain_kernels(compiled=True)
+        assert kernels.backward_gate.compiled is not None and kernels.send_back.compiled is not None
+
+
+def test_chain_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch) -> None:
+    def broken_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    net, features, task_id, route = _random_case()
+    net.train()
+    direction = torch.randn(len(features), OUT, dtype=torch.float64)
+    with set_routing_mode("behaviour"):
+        expected = _gradients(net, net(features, task_id, route)[0], direction)
+    kernels = ChainKernels(compiled=True, backend=broken_compiler)
+    monkeypatch.setattr(d2r_module, "chain_kernels", lambda compiled: kernels)
+    with pytest.warns(UserWarning, match="run eagerly: compiling (send_back|backward_gate) failed"), set_routing_mode("behaviour"):
+        grads = _gradients(net, net(features, task_id, route)[0], direction)
+    assert kernels.send_back.compiled is None and kernels.backward_gate.compiled is None
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
 
 
 # --------------------------------------------------------------------------- TorchRL

@@ -29,7 +29,8 @@ from d2r_torchrl.training.trainer import Trainer  # noqa: E402
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_TASK = 60  # 6 rounds of 10 steps per task: a checkpoint every 2 rounds, an evaluation every 3
-SWEEP = [*TINY, TWO_TASKS, f"collector.total_steps_per_task={STEPS_PER_TASK}", "log.checkpoint_interval_rounds=2"]
+BENCHMARK = TWO_TASKS.split("=", 1)[1]  # a task list as the sweep's benchmark
+SWEEP = [*TINY, f"collector.total_steps_per_task={STEPS_PER_TASK}", "log.checkpoint_interval_rounds=2"]
 METHODS, SEEDS = ["mt_sac", "mh_sac"], [0, 1]  # the cheapest updates: the sweep, not the network, is under test
 
 
@@ -54,7 +55,7 @@ def _kill_when_checkpointed(run_dir: Path, killed: dict, timeout: float = 120.0)
 
 
 def test_sweep_survives_a_killed_run_and_the_same_command_resumes_it(cluster, tmp_path):
-    runs = plan_sweep(tmp_path, METHODS, SEEDS, ["MT10"], SWEEP)
+    runs = plan_sweep(tmp_path, METHODS, SEEDS, [BENCHMARK], SWEEP)
     target = runs[0]
     killed: dict = {}
     watcher = threading.Thread(target=_kill_when_checkpointed, args=(target.run_dir, killed))
@@ -70,7 +71,7 @@ def test_sweep_survives_a_killed_run_and_the_same_command_resumes_it(cluster, tm
 
     # the same sweep as a command joining the cluster: skips 3 runs, resumes the killed one
     command = [sys.executable, "-m", "d2r_torchrl.sweep", "--address", cluster, "--out", str(tmp_path),
-               "--methods", *METHODS, "--seeds", *map(str, SEEDS), "--reps", "300", *SWEEP]
+               "--methods", *METHODS, "--seeds", *map(str, SEEDS), "--benchmarks", BENCHMARK, "--reps", "300", *SWEEP]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -85,7 +86,7 @@ def test_sweep_survives_a_killed_run_and_the_same_command_resumes_it(cluster, tm
 
     # the report aggregates the four finished runs; check the final IQMs by hand
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary) == {"mt_sac_MT10", "mh_sac_MT10"}
+    assert set(summary) == {"mt_sac_reach-v3+push-v3", "mh_sac_reach-v3+push-v3"}
     for group, result_ in summary.items():
         finals = [
             read_scalar_csv(tmp_path / f"{group}_seed{seed}" / "scalars" / "eval" / "return" / f"{task}.csv")[1][-1]
@@ -95,7 +96,7 @@ def test_sweep_survives_a_killed_run_and_the_same_command_resumes_it(cluster, tm
         assert result_["return"]["iqm"][-1] == pytest.approx(np.mean(middle))
         assert result_["return"]["lower"][-1] <= result_["return"]["iqm"][-1] <= result_["return"]["upper"][-1]
         assert result_["return"]["frames"][-1] == total
-    assert (tmp_path / "curves.png").stat().st_size > 0 and "mh_sac_MT10 | 2 |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 0 and "mh_sac_reach-v3+push-v3 | 2 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_training_with_the_ray_collector(cluster, tmp_path, monkeypatch):

@@ -67,7 +67,13 @@ def test_run_folders_decide_skip_resume_or_refuse(tmp_path):
     assert _prepare(run).status == "skipped"
     [other] = plan_sweep(tmp_path, ["mt_sac"], [0], ["MT10"], ["loss.gamma=0.5", "buffer.kind=uniform"])
     refused = _prepare(other)
-    assert refused.status == "failed" and "loss.gamma, buffer.kind" in refused.error
+    assert refused.status == "failed" and "buffer.kind, loss.gamma" in refused.error
+    # keys a resumed run may change (device, compile.*) are no mismatch, nor one the saved config lacks
+    saved = run.config.to_dict()
+    saved["device"] = "cuda"
+    del saved["compile"]["chain_kernels"]
+    (run.run_dir / "config.json").write_text(json.dumps(saved))
+    assert config_mismatch(run) == []
 
 
 def test_command_line_presets_and_help(tmp_path, capsys):

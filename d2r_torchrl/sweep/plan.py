@@ -7,7 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from d2r_torchrl.training.config import ConfigError, RunConfig, _flatten, apply_overrides, preset, validate
+from d2r_torchrl.training.config import (
+    RESUME_OVERRIDES,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    differences,
+    preset,
+    validate,
+)
 
 RECORD_NAME = "sweep.json"
 PER_RUN_KEYS = ("seed", "log.root", "log.name", "env.benchmark")
@@ -126,10 +134,10 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def config_mismatch(run: SweepRun) -> list[str]:
-    """Keys whose value in ``run_dir/config.json`` differs from the run's planned config
-    (empty when the directory holds no run yet or the same configuration)."""
+    """Keys whose value in ``run_dir/config.json`` differs from the run's planned config,
+    leaving out those a resumed run may change (``RESUME_OVERRIDES``); empty when the
+    directory holds no run yet or the same configuration."""
     path = run.run_dir / "config.json"
     if not path.exists():
         return []
-    saved = dict(_flatten(json.loads(path.read_text())))
-    return [key for key, value in _flatten(run.config.to_dict()) if saved.get(key) != value]
+    return list(differences(json.loads(path.read_text()), run.config.to_dict(), ignore=RESUME_OVERRIDES))

@@ -75,7 +75,12 @@ def make_eval_envs(config: RunConfig, tasks: tuple[str, ...]) -> gym.vector.Sync
 def network_kwargs(config: RunConfig) -> dict:
     net = config.network
     if net.architecture == "d2r":
-        return dict(num_modules=net.num_modules, module_width=net.module_width, top_k=net.top_k)
+        return dict(
+            num_modules=net.num_modules,
+            module_width=net.module_width,
+            top_k=net.top_k,
+            compile_chain=config.compile.chain_kernels,
+        )
     if net.architecture == "soft_modular":
         return dict(preset=net.soft_modular_preset)
     return {}

@@ -25,6 +25,7 @@ RESUME_OVERRIDES = (
     "compile.mode",
     "compile.backend",
     "compile.cudagraphs",
+    "compile.chain_kernels",
 )
 
 
@@ -109,12 +110,15 @@ class LogConfig:
 @dataclass
 class CompileConfig:
     """``enabled``: ``torch.compile`` the update (``mode``/``backend`` passed on);
-    ``cudagraphs``: capture the update in a CUDA graph (CUDA devices only)."""
+    ``cudagraphs``: capture the update in a CUDA graph (CUDA devices only);
+    ``chain_kernels``: compile only the D2R module chain's per-gate kernels (fused gathers,
+    products and scatters; see :class:`~d2r_torchrl.modules.module_chain.ChainKernels`)."""
 
     enabled: bool = False
     mode: typing.Optional[str] = None
     backend: str = "inductor"
     cudagraphs: bool = False
+    chain_kernels: bool = True
 
 
 @dataclass
