@@ -9,10 +9,10 @@ is the ratio to MT-SAC and, with ``--reference DIR`` (a checkout of GitHub
 authors' D2R update time over ours.
 
     python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--device auto]
-        [--plain] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
+        [--chain-kernels] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
 
-``eager`` rows use the default config (only the D2R chain's backward kernels compiled,
-``compile.chain_kernels``); ``--plain`` adds rows with those kernels eager too.
+``eager`` rows use the default config; ``--chain-kernels`` adds ``kernels`` rows with only the
+D2R chain's backward kernels compiled (``compile.chain_kernels=true``).
 """
 from __future__ import annotations
 
@@ -108,15 +108,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the compiled update (compile.enabled)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--cudagraphs", action="store_true", help="compiled rows also capture CUDA graphs")
-    parser.add_argument("--plain", action="store_true",
-                        help="also time the update with the D2R chain's kernels eager (compile.chain_kernels=false)")
+    parser.add_argument("--chain-kernels", action="store_true",
+                        help="also time the update with the D2R chain's backward kernels compiled (compile.chain_kernels)")
     parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL (CPU only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = builders.resolve_device(args.device)
     variants = {"eager": []}
-    if args.plain:
-        variants["plain"] = ["compile.chain_kernels=false"]
+    if args.chain_kernels:
+        variants["kernels"] = ["compile.chain_kernels=true"]
     if args.compile:
         variants["compiled"] = ["compile.enabled=true"] + (
             [f"compile.mode={args.compile_mode}"] if args.compile_mode else []

@@ -52,6 +52,7 @@ LEARNING_EASY_CPU = (
     "eval.episodes_per_task=10",
     "log.checkpoint_interval_rounds=5",
     "buffer.in_checkpoint=true",
+    "compile.chain_kernels=true",  # one torch thread per run: the compiled chain kernels pay
 )
 PRESETS: dict[str, dict[str, Any]] = {
     # D2R, Soft Modularization and MT-SAC learning three easy MT10 tasks (about 1 h per D2R run).

@@ -111,14 +111,16 @@ class LogConfig:
 class CompileConfig:
     """``enabled``: ``torch.compile`` the update (``mode``/``backend`` passed on);
     ``cudagraphs``: capture the update in a CUDA graph (CUDA devices only);
-    ``chain_kernels``: compile only the D2R module chain's per-gate kernels (fused gathers,
-    products and scatters; see :class:`~d2r_torchrl.modules.module_chain.ChainKernels`)."""
+    ``chain_kernels``: compile only the D2R module chain's per-gate backward kernels (fused
+    gathers, products and scatters; see :class:`~d2r_torchrl.modules.module_chain.ChainKernels`):
+    on the CPU about 14% off a D2R update with one torch thread, nothing with two
+    (benchmarks/RESULTS.md), so off by default."""
 
     enabled: bool = False
     mode: typing.Optional[str] = None
     backend: str = "inductor"
     cudagraphs: bool = False
-    chain_kernels: bool = True
+    chain_kernels: bool = False
 
 
 @dataclass
