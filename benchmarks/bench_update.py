@@ -8,7 +8,7 @@ is the ratio to MT-SAC and, with ``--reference DIR`` (a checkout of GitHub
 ``DarkDawn233/D2R_MTRL``, run in its own process by ``reference_update.py``), the
 authors' D2R update time over ours.
 
-    python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--device auto]
+    python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--threads N] [--device auto]
         [--chain-kernels] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
 
 ``eager`` rows use the default config; ``--chain-kernels`` adds ``kernels`` rows with only the
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--compile", action="store_true", help="also time the compiled update (compile.enabled)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL (CPU only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = builders.resolve_device(args.device)
     variants = {"eager": []}
     if args.chain_kernels:
