@@ -54,12 +54,26 @@ LEARNING_EASY_CPU = (
     "buffer.in_checkpoint=true",
     "compile.chain_kernels=true",  # one torch thread per run: the compiled chain kernels pay
 )
+# The same tasks with fixed goals (one goal per task, the setting of the MT10 numbers
+# published with fixed goals), 15k steps per task; a deterministic policy repeats its
+# evaluation episode, so 2 per task suffice.
+LEARNING_EASY_FIXED_CPU = (
+    *LEARNING_EASY_CPU,
+    "env.goals=fixed",
+    "collector.total_steps_per_task=15000",
+    "eval.episodes_per_task=2",
+)
 PRESETS: dict[str, dict[str, Any]] = {
     # D2R, Soft Modularization and MT-SAC learning three easy MT10 tasks (about 1 h per D2R run).
     "easy3-learning-cpu": {
         "methods": ("d2r", "soft_modular", "mt_sac"),
         "benchmarks": (EASY_MT10_SUBSET,),
         "overrides": LEARNING_EASY_CPU,
+    },
+    "easy3-fixed-learning-cpu": {
+        "methods": ("d2r", "soft_modular", "mt_sac"),
+        "benchmarks": (EASY_MT10_SUBSET,),
+        "overrides": LEARNING_EASY_FIXED_CPU,
     },
     # MT10 learning comparison at 0.4% of the reference budget (about 70 min per 2 seeds on 2 cores).
     "mt10-learning-cpu": {"methods": ("d2r", "soft_modular", "mt_sac"), "benchmarks": ("MT10",), "overrides": LEARNING_CPU},
