@@ -57,12 +57,24 @@ def test_single_task_matches_torchrl_sac_loss():
     ours.qvalue_network_params.data.copy_(reference.qvalue_network_params.data)
     ours.target_qvalue_network_params.data.copy_(reference.target_qvalue_network_params.data)
     batch = make_batch(actor, 1, per_task=32)
-    torch.manual_seed(1)
-    expected = reference(batch.clone())
-    torch.manual_seed(1)
-    got = ours(batch.clone())
+    ours.make_value_estimator(gamma=0.9)
+
+    def losses_and_gradients(loss):
+        """The three losses and the gradient of their sum w.r.t. actor, critics and alpha."""
+        torch.manual_seed(1)
+        out = loss(batch.clone())
+        params = [*loss.actor_network_params.values(True, True), *loss.qvalue_network_params.values(True, True), loss.log_alpha]
+        total = out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        return out, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+    expected, expected_grads = losses_and_gradients(reference)
+    got, got_grads = losses_and_gradients(ours)
     for key in ("loss_actor", "loss_qvalue", "loss_alpha"):
         torch.testing.assert_close(got[key], expected[key], msg=key)
+    assert any(g.abs().max() > 0 for g in expected_grads)
+    for got_grad, expected_grad in zip(got_grads, expected_grads):  # same gradient paths, not only values
+        torch.testing.assert_close(got_grad.reshape(expected_grad.shape), expected_grad)  # log alpha: [T] vs []
 
 
 def test_per_task_mean_hand_computed():
