@@ -186,6 +186,22 @@ def test_resume_without_saved_buffer_refills_it_and_says_so(tmp_path, capsys):
     assert (resumed.counters.frames, resumed.counters.updates) == (80, 3)
 
 
+def test_a_finished_run_trains_on_to_a_larger_budget_like_a_longer_run(tmp_path):
+    longer = Trainer(small_config(tmp_path, "longer", "buffer.kind=stratified", "collector.total_steps_per_task=50"))
+    longer.train()
+    Trainer(small_config(tmp_path, "extended", "buffer.kind=stratified")).train()  # 30 steps per task
+    with pytest.raises(ConfigError, match="only collector.total_steps_per_task, device"):
+        Trainer.resume(tmp_path / "extended", ["loss.gamma=0.5"])
+    extended = Trainer.resume(tmp_path / "extended", ["collector.total_steps_per_task=50"])
+    extended.train()
+    assert_same_run_state(longer, extended)
+    # the new budget is the run's own now: a plain resume finds it finished
+    again = Trainer.resume(tmp_path / "extended")
+    assert again.config.collector.total_steps_per_task == 50
+    again.train()
+    assert again.counters.state_dict() == longer.counters.state_dict()
+
+
 def _poll(condition, timeout: float, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -283,7 +299,7 @@ def test_checkpoint_from_another_configuration_or_version_is_refused(tmp_path, c
     assert "loss.gamma: 0.99 -> 0.5" in err[0] and "network.num_modules: 4 -> 8" in err[0]
     assert "buffer" not in err[0]  # only what differs
     config_path.write_text(original)
-    with pytest.raises(ConfigError, match="only device, log.progress_bar, compile.enabled"):
+    with pytest.raises(ConfigError, match="only collector.total_steps_per_task, device, log.progress_bar, compile.enabled"):
         Trainer.resume(tmp_path / "run", ["loss.gamma=0.5"])
     written_by = d2r_torchrl.__version__
     monkeypatch.setattr(d2r_torchrl, "__version__", "9.9.9")

@@ -63,7 +63,8 @@ def test_run_folders_decide_skip_resume_or_refuse(tmp_path):
     assert _prepare(run) is None and not run.run_dir.exists()  # died before its first checkpoint: restart
     run.run_dir.mkdir()
     (run.run_dir / "config.json").write_text(json.dumps(run.config.to_dict()))
-    write_record(run.run_dir, {"status": "done", "frames": 10})
+    budget = run.config.collector.total_steps_per_task
+    write_record(run.run_dir, {"status": "done", "frames": 10 * budget})  # 10 tasks
     assert _prepare(run).status == "skipped"
     [other] = plan_sweep(tmp_path, ["mt_sac"], [0], ["MT10"], ["loss.gamma=0.5", "buffer.kind=uniform"])
     refused = _prepare(other)
@@ -74,6 +75,9 @@ def test_run_folders_decide_skip_resume_or_refuse(tmp_path):
     del saved["compile"]["chain_kernels"]
     (run.run_dir / "config.json").write_text(json.dumps(saved))
     assert config_mismatch(run) == []
+    # a larger budget (a key a resumed run may change) continues a finished run
+    [longer] = plan_sweep(tmp_path, [run.method], [run.seed], [run.benchmark], [f"collector.total_steps_per_task={budget + 200}"])
+    assert config_mismatch(longer) == [] and _prepare(longer) is None
 
 
 def test_command_line_presets_and_help(tmp_path, capsys):

@@ -3,7 +3,8 @@
 Trains every method x benchmark x seed with the method's reference preset and the given
 overrides, each run one Ray task writing ``<out>/<method>_<benchmark>_seed<seed>/``, on a
 local Ray cluster (default) or the one at ``--address``. The same command again skips
-finished runs and resumes interrupted or failed ones from their checkpoints. Afterwards
+finished runs and resumes interrupted or failed ones from their checkpoints (and finished
+ones, when ``collector.total_steps_per_task`` grew). Afterwards
 ``<out>/runs.md`` lists every run's status, and ``curves.png``, ``summary.md`` and
 ``summary.json`` aggregate the finished runs across seeds (IQM, stratified bootstrap).
 Ctrl-C or SIGTERM stops every running run with a checkpoint. Exit code 1 when a run

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from d2r_torchrl.envs.metaworld import resolve_tasks
 from d2r_torchrl.sweep.plan import SweepRun, config_mismatch, read_record, write_record
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME
-from d2r_torchrl.training.config import ConfigError, RunConfig
+from d2r_torchrl.training.config import ConfigError, RunConfig, resume_overrides
 from d2r_torchrl.training.ray_collector import require_ray
 
 
@@ -46,8 +47,8 @@ def train_run(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     record = read_record(path)
     write_record(path, {**record, "status": "running", "pid": os.getpid(), "host": socket.gethostname()})
     started = time.perf_counter()
-    if (path / CHECKPOINT_NAME).exists():
-        trainer = Trainer.resume(path)
+    if (path / CHECKPOINT_NAME).exists():  # the plan's budget, device and compile settings apply
+        trainer = Trainer.resume(path, resume_overrides(RunConfig.from_dict(config)))
         record["resumed_from_frames"] = [*record.get("resumed_from_frames", []), trainer.counters.frames]
     else:
         trainer = Trainer(RunConfig.from_dict(config), path)
@@ -80,8 +81,9 @@ def run_resources(config: RunConfig, cluster_gpus: float, cpus: float | None = N
 
 
 def _prepare(run: SweepRun) -> RunResult | None:
-    """A result when the run needs no task (finished, or its folder holds another
-    configuration); clears the folder of a run that died before its first checkpoint."""
+    """A result when the run needs no task (finished with the planned frame budget, or its
+    folder holds another configuration); clears the folder of a run that died before its
+    first checkpoint. A finished run whose planned budget grew is continued."""
     record = read_record(run.run_dir)
     mismatch = config_mismatch(run)
     if mismatch:
@@ -89,7 +91,8 @@ def _prepare(run: SweepRun) -> RunResult | None:
             run, "failed", f"{run.run_dir} holds a run with other values of {', '.join(mismatch)}; "
             "use another --out or the command that started it.", record,
         )
-    if record["status"] == "done":
+    planned_frames = run.config.collector.total_steps_per_task * len(resolve_tasks(run.config.env.benchmark))
+    if record["status"] == "done" and record.get("frames", 0) >= planned_frames:
         return RunResult(run, "skipped", record=record)
     if run.run_dir.exists() and not (run.run_dir / CHECKPOINT_NAME).exists():
         shutil.rmtree(run.run_dir)

@@ -17,8 +17,10 @@ BUFFERS = ("prioritized", "stratified", "uniform")
 WARMUP_POLICIES = ("policy", "random")
 LOGGERS = ("csv", "tensorboard", "wandb")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# Keys a resumed run may change: where and how fast it runs and what it prints, not what it computes.
+# Keys a resumed run may change: where and how fast it runs, what it prints, and how long it
+# trains (a larger budget continues a finished run), not what it computes.
 RESUME_OVERRIDES = (
+    "collector.total_steps_per_task",
     "device",
     "log.progress_bar",
     "compile.enabled",
@@ -187,6 +189,13 @@ def differences(old: dict[str, Any], new: dict[str, Any], ignore: Sequence[str] 
         if key not in ignore and pair[0] != pair[1]:
             changed[key] = pair
     return changed
+
+
+def resume_overrides(config: RunConfig) -> list[str]:
+    """``key=value`` for every :data:`RESUME_OVERRIDES` key of ``config``: what a resumed run
+    takes over from a newly planned configuration."""
+    values = dict(_flatten(config.to_dict()))
+    return [f"{key}={json.dumps(values[key])}" for key in RESUME_OVERRIDES]
 
 
 def describe(config: RunConfig) -> str:
