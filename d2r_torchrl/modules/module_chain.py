@@ -6,7 +6,8 @@ import warnings
 from typing import Callable, Sequence
 
 import torch
-from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit  # InductorError is the first
+# inductor's InductorError is a BackendCompilerFailed
+from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit
 
 
 def flat_rows(index: torch.Tensor) -> torch.Tensor:
@@ -112,12 +113,11 @@ class ChainKernels:
     :func:`send_back`: eager (``compiled=False``) or each compiled with ``torch.compile``,
     which fuses a gate's gathers, products and scatters into a few loops
     (``test_gradients_match_a_gate_by_gate_implementation[compiled_kernels]`` checks them
-    against the plain per-gate form). The forward stays eager:
-    compiled, its in-place writes to the shared buffer cost more than they save."""
+    against the plain per-gate form). The forward stays eager: compiled, its in-place
+    writes to the shared output buffer cost more than the fusion saves."""
 
     def __init__(self, compiled: bool, backend: str | Callable = "inductor") -> None:
         wrap = (lambda fn: _CompiledOrEager(fn, backend)) if compiled else (lambda fn: fn)
-        self.compiled = compiled
         self.backward_gate = wrap(backward_gate)
         self.send_back = wrap(send_back)
 
@@ -257,18 +257,18 @@ class ModuleChain(torch.autograd.Function):
             tensor = tensor.movedim(dim, ensemble_dim)
             return tensor.flatten(ensemble_dim, ensemble_dim + 1)
 
+        folded_index = fold(index, in_dims[1], 1)  # [N, V * E, B, k]
         mixed, table, active = ModuleChain.apply(
             fold(first, in_dims[0], 0),
-            fold(index, in_dims[1], 1),
+            folded_index,
             fold(weight, in_dims[2], 1),
             fold(endorsed, in_dims[3], 1),
             kernels,
             *[fold(p, d, 0) for p, d in zip(params, in_dims[5:])],
         )
         # the buffers' sample dimensions are (V * E * B) or (V * E): split V back out of them
-        num_modules, width = index.shape[0], first.shape[-1]
-        unfolded = (mixed.unflatten(0, (size, -1)), table.view(num_modules, size, -1, width), active.unflatten(1, (size, -1)))
-        return unfolded, (0, 1, 1)
+        table = table.view(folded_index.shape[0], size, -1, table.shape[-1])
+        return (mixed.unflatten(0, (size, -1)), table, active.unflatten(1, (size, -1))), (0, 1, 1)
 
 
 def run_chain(
