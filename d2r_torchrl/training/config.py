@@ -115,7 +115,7 @@ class CompileConfig:
     ``cudagraphs``: capture the update in a CUDA graph (CUDA devices only);
     ``chain_kernels``: compile only the D2R module chain's per-gate backward kernels (fused
     gathers, products and scatters; see :class:`~d2r_torchrl.modules.module_chain.ChainKernels`):
-    on the CPU about 14% off a D2R update with one torch thread, nothing with two
+    on the CPU about 7% off a D2R update with one torch thread, nothing with two
     (benchmarks/RESULTS.md), so off by default."""
 
     enabled: bool = False
