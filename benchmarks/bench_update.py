@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from tensordict import TensorDict
 from torchrl.data import Bounded
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from d2r_torchrl.data.replay import random_transitions
 from d2r_torchrl.modules import make_actor, make_critic
 from d2r_torchrl.training import builders
 from d2r_torchrl.training.config import apply_overrides, preset
@@ -36,22 +35,6 @@ SIZES = {"MT10": (10, 1280), "MT50": (50, 6400)}
 ARCHITECTURES = ("d2r", "soft_modular", "mh_sac", "mt_sac")
 OBS, ACT = 39, 4
 HERE = Path(__file__).resolve().parent
-
-
-def synthetic_batch(actor, num_tasks: int, batch_size: int, device: torch.device) -> TensorDict:
-    task_id = torch.arange(batch_size, device=device) % num_tasks
-    batch = TensorDict(observation=torch.randn(batch_size, OBS, device=device), task_id=task_id, batch_size=[batch_size])
-    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        actor(batch)
-    batch["next"] = TensorDict(
-        observation=torch.randn(batch_size, OBS, device=device),
-        task_id=task_id,
-        reward=torch.randn(batch_size, 1, device=device),
-        done=torch.zeros(batch_size, 1, dtype=torch.bool, device=device),
-        terminated=torch.zeros(batch_size, 1, dtype=torch.bool, device=device),
-        batch_size=[batch_size],
-    )
-    return batch
 
 
 def time_update(
@@ -66,7 +49,7 @@ def time_update(
     loss, updater = builders.make_loss(config, actor, critic, num_tasks)
     optimizers = builders.make_optimizers(config, loss)
     update = builders.make_update_fn(config, loss, optimizers, updater)
-    batch = synthetic_batch(actor, num_tasks, batch_size, device)
+    batch = random_transitions(actor, num_tasks, batch_size, OBS, device=device)
     warmup = 8 if "compile.enabled=true" in compile_overrides else 3  # compiled chain kernels: 1-2 updates
     times = []
     for i in range(repeats + warmup):

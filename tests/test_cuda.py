@@ -22,8 +22,8 @@ import pytest
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from d2r_torchrl.data.replay import random_transitions
 from d2r_torchrl.modules import make_actor, make_critic
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
 from d2r_torchrl.training import builders, cli
@@ -81,21 +81,8 @@ def noise_from_cpu(seed: int) -> Iterator[None]:
 
 def fixed_batch(actor, seed: int) -> TensorDict:
     """``[TASKS * PER_TASK]`` transitions on the CPU, behaviour routes drawn by ``actor``."""
-    generator = torch.Generator().manual_seed(seed)
-    size = TASKS * PER_TASK
-    task_id = torch.arange(size) % TASKS
-    batch = TensorDict(observation=torch.randn(size, OBS, generator=generator), task_id=task_id, batch_size=[size])
-    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM), noise_from_cpu(seed):
-        actor(batch)
-    batch["next"] = TensorDict(
-        observation=torch.randn(size, OBS, generator=generator),
-        task_id=task_id,
-        reward=torch.rand(size, 1, generator=generator),
-        done=torch.zeros(size, 1, dtype=torch.bool),
-        terminated=torch.zeros(size, 1, dtype=torch.bool),
-        batch_size=[size],
-    )
-    return batch
+    with noise_from_cpu(seed):
+        return random_transitions(actor, TASKS, TASKS * PER_TASK, OBS, generator=torch.Generator().manual_seed(seed))
 
 
 def build_update(architecture: str, device: torch.device, dtype: torch.dtype, weights: dict | None, network: dict):

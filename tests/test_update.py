@@ -5,9 +5,9 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.data import Bounded
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import SoftUpdate
 
+from d2r_torchrl.data.replay import random_transitions
 from d2r_torchrl.modules import make_actor, make_critic
 from d2r_torchrl.objectives import MultiTaskSACLoss
 from d2r_torchrl.training.update import NonFiniteLossError, check_finite, make_update
@@ -35,20 +35,7 @@ def build(architecture: str) -> tuple[MultiTaskSACLoss, dict, SoftUpdate]:
 
 
 def fixed_batch(loss: MultiTaskSACLoss) -> TensorDict:
-    generator = torch.Generator().manual_seed(1)
-    task_id = torch.arange(BATCH) % TASKS
-    batch = TensorDict(observation=torch.randn(BATCH, OBS, generator=generator), task_id=task_id, batch_size=[BATCH])
-    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
-        loss.actor_network(batch)
-    batch["next"] = TensorDict(
-        observation=torch.randn(BATCH, OBS, generator=generator),
-        task_id=task_id,
-        reward=torch.randn(BATCH, 1, generator=generator),
-        done=torch.zeros(BATCH, 1, dtype=torch.bool),
-        terminated=torch.zeros(BATCH, 1, dtype=torch.bool),
-        batch_size=[BATCH],
-    )
-    return batch
+    return random_transitions(loss.actor_network, TASKS, BATCH, OBS, generator=torch.Generator().manual_seed(1))
 
 
 def run_updates(architecture: str, compile: bool, steps: int = 3) -> tuple[list, MultiTaskSACLoss]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModuleBase
 from torchrl.data import (
     LazyMemmapStorage,
     LazyTensorStorage,
@@ -27,6 +28,7 @@ from torchrl.data import (
 )
 from torchrl.data.replay_buffers.checkpointers import StorageCheckpointerBase, TensorStorageCheckpointer
 from torchrl.data.replay_buffers.samplers import RandomSampler, Sampler
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
 
@@ -233,6 +235,38 @@ def example_transitions(
         batch_size=[num_tasks],
     )
     return prepare_transitions(batch, num_route_logits)
+
+
+def random_transitions(
+    actor: TensorDictModuleBase,
+    num_tasks: int,
+    batch_size: int,
+    observation_dim: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> TensorDictBase:
+    """``[batch_size]`` synthetic transitions to time or test an update: sample ``i`` of task
+    ``i % T``, standard-normal observations and next observations, uniform rewards in
+    ``[0, 1)``, no terminal flags; actions (and D2R behaviour routes) drawn by ``actor``
+    with exploration. ``generator`` (CPU) draws everything but the actor's noise."""
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device)
+
+    task_id = torch.arange(batch_size, device=device) % num_tasks
+    batch = TensorDict(observation=normal(batch_size, observation_dim), task_id=task_id, batch_size=[batch_size])
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
+        actor(batch)
+    flags = torch.zeros(batch_size, 1, dtype=torch.bool, device=device)
+    batch["next"] = TensorDict(
+        observation=normal(batch_size, observation_dim),
+        task_id=task_id,
+        reward=torch.rand(batch_size, 1, generator=generator).to(device),
+        done=flags,
+        terminated=flags.clone(),
+        batch_size=[batch_size],
+    )
+    return batch
 
 
 def transition_bytes(kind: str, example: TensorDictBase, num_tasks: int) -> int:
