@@ -37,3 +37,18 @@ def test_replayed_route_gives_the_same_slots() -> None:
     stored = layout.flatten(route_mask(sampled, layout))
     replayed = select_sources(logits, layout, RoutingMode.BEHAVIOUR, torch.ones(16), stored)
     assert torch.equal(replayed * layout.slot_valid, sampled * layout.slot_valid)
+
+
+def test_pad_and_flatten_follow_the_gate_order() -> None:
+    """Three modules: logits ``[z2 | z3 z3' | zo zo' zo'']`` fill the lower triangle row by row,
+    and gradients flow back to the flat logits they came from."""
+    layout = GateLayout(num_modules=3, top_k=2)
+    flat = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]], requires_grad=True)
+    inf = float("inf")
+    padded = layout.pad(flat)
+    assert torch.equal(padded.detach(), torch.tensor([[[1.0, -inf, -inf], [2.0, 3.0, -inf], [4.0, 5.0, 6.0]]]))
+    assert torch.equal(layout.flatten(padded).detach(), flat.detach())
+    padded.masked_fill(~layout.valid, 0.0).mul(torch.arange(9.0).view(3, 3)).sum().backward()
+    assert torch.equal(flat.grad, torch.tensor([[0.0, 3.0, 4.0, 6.0, 7.0, 8.0]]))
+    routes = layout.pad(torch.tensor([True, False, True, True, False, True]), fill=False)
+    assert routes.tolist() == [[True, False, False], [False, True, False], [True, False, True]]

@@ -87,7 +87,6 @@ class GateLayout(torch.nn.Module):
     """Index tables mapping flat router logits ``[..., N(N+1)/2]`` to padded ``[..., N, N]``.
 
     Buffers:
-        gather_index: ``[N, N]`` long, flat position of (gate, source), 0 where invalid.
         flat_index: ``[N(N+1)/2]`` long, positions of the valid entries in ``[N * N]``.
         valid: ``[N, N]`` bool, True where source ``j`` is a candidate of gate ``g``.
         num_candidates: ``[N]`` long, ``g + 1`` for each gate.
@@ -108,10 +107,7 @@ class GateLayout(torch.nn.Module):
         gate = torch.arange(num_modules).unsqueeze(1)
         source = torch.arange(num_modules).unsqueeze(0)
         valid = source <= gate
-        offsets = gate * (gate + 1) // 2
-        gather_index = torch.where(valid, offsets + source, torch.zeros_like(source))
         num_candidates = torch.arange(1, num_modules + 1)
-        self.register_buffer("gather_index", gather_index, persistent=False)
         self.register_buffer("flat_index", valid.flatten().nonzero().squeeze(-1), persistent=False)
         self.register_buffer("valid", valid, persistent=False)
         self.register_buffer("num_candidates", num_candidates, persistent=False)
@@ -125,9 +121,13 @@ class GateLayout(torch.nn.Module):
         return self.num_modules * (self.num_modules + 1) // 2
 
     def pad(self, flat: torch.Tensor, fill: float | bool = float("-inf")) -> torch.Tensor:
-        """``[..., N(N+1)/2]`` -> ``[..., N, N]`` with ``fill`` at invalid positions."""
-        padded = flat[..., self.gather_index]
-        return padded.masked_fill(~self.valid, fill)
+        """``[..., N(N+1)/2]`` -> ``[..., N, N]`` with ``fill`` at invalid positions.
+
+        The valid positions, read row by row, are the flat gate order, so one
+        ``masked_scatter`` fills them (its backward is a ``masked_select``, a third of the
+        cost of indexing's accumulating scatter; ``test_pad_and_flatten_follow_the_gate_order`` checks it)."""
+        padded = flat.new_full((*flat.shape[:-1], self.num_modules, self.num_modules), fill)
+        return padded.masked_scatter(self.valid, flat)
 
     def flatten(self, padded: torch.Tensor) -> torch.Tensor:
         """``[..., N, N]`` -> ``[..., N(N+1)/2]`` (inverse of :meth:`pad` on valid positions)."""

@@ -47,4 +47,4 @@ class TaskEmbedding(nn.Linear):
     """``Linear(T, width)`` applied to the one-hot of ``task_id``, computed as a lookup."""
 
     def forward(self, task_id: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.weight.t()[task_id] + self.bias
+        return nn.functional.embedding(task_id, self.weight.t()) + self.bias
