@@ -1,4 +1,6 @@
 """The index form of routing (``[..., N, k]`` slots) against the plain mask form (``[..., N, N]``)."""
+import warnings
+
 import pytest
 import torch
 
@@ -50,5 +52,8 @@ def test_pad_and_flatten_follow_the_gate_order() -> None:
     assert torch.equal(layout.flatten(padded).detach(), flat.detach())
     padded.masked_fill(~layout.valid, 0.0).mul(torch.arange(9.0).view(3, 3)).sum().backward()
     assert torch.equal(flat.grad, torch.tensor([[0.0, 3.0, 4.0, 6.0, 7.0, 8.0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no per-sample fallback under vmap (twin critics are vmapped)
+        assert torch.equal(torch.vmap(layout.pad)(flat.detach().expand(2, 6)), padded.detach().expand(2, 3, 3))
     routes = layout.pad(torch.tensor([True, False, True, True, False, True]), fill=False)
     assert routes.tolist() == [[True, False, False], [False, True, False], [True, False, True]]
