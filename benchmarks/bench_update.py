@@ -22,8 +22,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tensordict import TensorDictBase
 from torchrl.data import Bounded
 
 from d2r_torchrl.data.replay import random_transitions
@@ -37,11 +39,12 @@ OBS, ACT = 39, 4
 HERE = Path(__file__).resolve().parent
 
 
-def time_update(
-    architecture: str, num_tasks: int, batch_size: int, repeats: int, device: torch.device, compile_overrides: list[str]
-) -> float:
-    """Median milliseconds of one update, after warm-up updates (more when compiling)."""
-    config = apply_overrides(preset(architecture, "MT50" if num_tasks > 10 else "MT10"), compile_overrides)
+def build_update(
+    architecture: str, num_tasks: int, batch_size: int, device: torch.device, overrides: list[str]
+) -> tuple[Callable[[TensorDictBase], object], TensorDictBase]:
+    """The full update of ``architecture`` (its preset with ``overrides``) and a synthetic
+    batch of ``batch_size`` transitions (``update(batch.clone())`` runs one update)."""
+    config = apply_overrides(preset(architecture, "MT50" if num_tasks > 10 else "MT10"), overrides)
     spec = Bounded(-1.0, 1.0, (ACT,), device=device)
     kwargs = builders.network_kwargs(config)
     actor = make_actor(architecture, OBS, spec, num_tasks, **kwargs).to(device)
@@ -49,7 +52,14 @@ def time_update(
     loss, updater = builders.make_loss(config, actor, critic, num_tasks)
     optimizers = builders.make_optimizers(config, loss)
     update = builders.make_update_fn(config, loss, optimizers, updater)
-    batch = random_transitions(actor, num_tasks, batch_size, OBS, device=device)
+    return update, random_transitions(actor, num_tasks, batch_size, OBS, device=device)
+
+
+def time_update(
+    architecture: str, num_tasks: int, batch_size: int, repeats: int, device: torch.device, compile_overrides: list[str]
+) -> float:
+    """Median milliseconds of one update, after warm-up updates (more when compiling)."""
+    update, batch = build_update(architecture, num_tasks, batch_size, device, compile_overrides)
     warmup = 8 if "compile.enabled=true" in compile_overrides else 3  # compiled chain kernels: 1-2 updates
     times = []
     for i in range(repeats + warmup):
