@@ -1,7 +1,7 @@
 """Where one multi-task SAC update spends its time, per kind of operator (torch profiler, CPU).
 
     python benchmarks/profile_update.py [--size MT10] [--architectures d2r mt_sac] [--threads 1]
-        [--updates 3] [--top 12] [key=value ...]
+        [--updates 3] [--top 12] [--overrides KEY=VALUE ...]
 
 Builds the update of ``bench_update.py`` (same presets, synthetic batch), runs warm-up
 updates, then profiles ``--updates`` updates and prints, per architecture, the self CPU
@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="largest single operators to list")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. compile.chain_kernels=true")
+    parser.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. compile.chain_kernels=true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.size}, {args.threads} torch thread(s), self CPU ms per update (share)")
