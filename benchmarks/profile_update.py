@@ -25,27 +25,21 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_update import ARCHITECTURES, SIZES, build_update  # noqa: E402
 
-from d2r_torchrl.training import builders  # noqa: E402
-
-GROUPS = {
+GROUPS = {  # operator-name prefixes
     "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
-    "chain kernels": ("ModuleChain", "ModuleChainBackward", "aten::_embedding_bag_forward_only",
-                      "aten::_embedding_bag", "aten::index_add_", "## Call CompiledFxGraph"),
-    "memory": ("aten::fill_", "aten::zero_", "aten::copy_", "aten::empty", "aten::empty_strided"),
+    "chain kernels": ("ModuleChain", "aten::_embedding_bag", "aten::index_add_", "## Call CompiledFxGraph"),
+    "memory": ("aten::fill_", "aten::zero_", "aten::copy_", "aten::empty"),
 }
 
 
 def group_of(name: str) -> str:
-    for group, prefixes in GROUPS.items():
-        if any(name == p or (p.startswith("##") and name.startswith(p)) for p in prefixes):
-            return group
-    return "other"
+    return next((group for group, prefixes in GROUPS.items() if name.startswith(prefixes)), "other")
 
 
 def profile_update(architecture: str, size: str, updates: int, overrides: list[str]) -> dict[str, float]:
     """Self CPU milliseconds per update by operator (``{name: ms}``)."""
     num_tasks, batch_size = SIZES[size]
-    update, batch = build_update(architecture, num_tasks, batch_size, builders.resolve_device("cpu"), overrides)
+    update, batch = build_update(architecture, num_tasks, batch_size, torch.device("cpu"), overrides)
     for _ in range(3):
         update(batch.clone())
     with profile(activities=[ProfilerActivity.CPU]) as prof:
