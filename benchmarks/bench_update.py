@@ -9,10 +9,11 @@ is the ratio to MT-SAC and, with ``--reference DIR`` (a checkout of GitHub
 authors' D2R update time over ours.
 
     python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--threads N] [--device auto]
-        [--chain-kernels] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
+        [--chain-kernels] [--native-chain] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
 
 ``eager`` rows use the default config; ``--chain-kernels`` adds ``kernels`` rows with only the
-D2R chain's backward kernels compiled (``compile.chain_kernels=true``).
+D2R chain's backward kernels compiled (``compile.chain_kernels=true``), ``--native-chain``
+``native`` rows with the chain's native CPU pass (``compile.native_chain=true``).
 """
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--cudagraphs", action="store_true", help="compiled rows also capture CUDA graphs")
     parser.add_argument("--chain-kernels", action="store_true",
                         help="also time the update with the D2R chain's backward kernels compiled (compile.chain_kernels)")
+    parser.add_argument("--native-chain", action="store_true",
+                        help="also time the update with the D2R chain's native CPU pass (compile.native_chain)")
     parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL (CPU only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -113,6 +116,8 @@ def main() -> None:
     variants = {"eager": []}
     if args.chain_kernels:
         variants["kernels"] = ["compile.chain_kernels=true"]
+    if args.native_chain:
+        variants["native"] = ["compile.native_chain=true"]
     if args.compile:
         variants["compiled"] = ["compile.enabled=true"] + (
             [f"compile.mode={args.compile_mode}"] if args.compile_mode else []

@@ -35,6 +35,9 @@ class D2RNetwork(nn.Module):
         compile_chain: run the module chain's per-gate kernels compiled with
             ``torch.compile`` (:class:`~d2r_torchrl.modules.module_chain.ChainKernels`);
             an attribute, so it can be switched after construction.
+        native_chain: on the CPU, run the module chain as one native pass per direction
+            (:mod:`~d2r_torchrl.modules.native_chain`; the per-gate kernels run on CUDA, under
+            ``torch.compile`` or if it cannot be built); an attribute too.
 
     ``forward(features [*B, in], task_id [*B] or [*B, 1], behaviour_route [*B, L] bool)``
     returns ``(out [*B, out], logits [*B, L], route [*B, L] bool)`` with
@@ -57,6 +60,7 @@ class D2RNetwork(nn.Module):
         router_widths: tuple[int, ...] = (256, 256),
         res_routing: bool = True,
         compile_chain: bool = False,
+        native_chain: bool = False,
     ) -> None:
         super().__init__()
         if num_tasks < 1:
@@ -65,6 +69,7 @@ class D2RNetwork(nn.Module):
         self.num_tasks = num_tasks
         self.res_routing = res_routing
         self.compile_chain = compile_chain
+        self.native_chain = native_chain
         self.layout = GateLayout(num_modules, top_k)
         embed_width = encoder_widths[-1]
         self.state_encoder = mlp(in_features, tuple(encoder_widths), final_activation=False)
@@ -148,7 +153,7 @@ class D2RNetwork(nn.Module):
             chain_layout(weights),
             None if endorsed is None else chain_layout(endorsed.to(weights.dtype)),
             [p.unsqueeze(0) for block in self.blocks[1:] for p in (block.weight, block.bias)],
-            chain_kernels(self.compile_chain),
+            chain_kernels(self.compile_chain, self.native_chain),
         )
         return mixed.reshape(*batch_shape, width)
 

@@ -1,8 +1,10 @@
 """The routed chain of D2R modules ``2..N`` as one autograd function with a hand-written
-backward, and the per-gate kernels it runs (eager, or compiled with ``torch.compile``)."""
+backward, and the kernels it runs: per gate (eager, or compiled with ``torch.compile``) or,
+on the CPU, one native pass per direction (:mod:`~d2r_torchrl.modules.native_chain`)."""
 from __future__ import annotations
 
 import warnings
+from types import ModuleType
 from typing import Callable, Sequence
 
 import torch
@@ -84,6 +86,7 @@ def backward_gate(
 
 
 RECOMPILE_LIMIT = 64
+NATIVE_BLOCK = 64  # samples per block of the native pass (benchmarks/RESULTS.md)
 
 
 class _CompiledOrEager:
@@ -109,31 +112,47 @@ class _CompiledOrEager:
 
 
 class ChainKernels:
-    """The per-gate kernels of :class:`ModuleChain`'s backward, :func:`backward_gate` and
-    :func:`send_back`: eager (``compiled=False``) or each compiled with ``torch.compile``,
-    which fuses a gate's gathers, products and scatters into a few loops
-    (``test_gradients_match_a_gate_by_gate_implementation[compiled_kernels]`` checks them
-    against the plain per-gate form). The forward stays eager: compiled, its in-place
-    writes to the shared output buffer cost more than the fusion saves."""
+    """What :class:`ModuleChain` runs.
 
-    def __init__(self, compiled: bool, backend: str | Callable = "inductor") -> None:
+    * ``native``: the compiled extension of :mod:`~d2r_torchrl.modules.native_chain` (or
+      ``None``), which runs a whole CPU pass in C++ blocked over samples; used for CPU
+      tensors outside ``torch.compile`` (``tests/test_native_chain.py`` checks it against
+      the per-gate path below).
+    * otherwise the per-gate kernels of the backward, :func:`backward_gate` and
+      :func:`send_back`: eager (``compiled=False``) or each compiled with ``torch.compile``,
+      which fuses a gate's gathers, products and scatters into a few loops
+      (``test_gradients_match_a_gate_by_gate_implementation[compiled_kernels]`` checks them
+      against the plain per-gate form). That forward stays eager: compiled, its in-place
+      writes to the shared output buffer cost more than the fusion saves.
+    """
+
+    def __init__(self, compiled: bool, backend: str | Callable = "inductor", native: ModuleType | None = None) -> None:
         wrap = (lambda fn: _CompiledOrEager(fn, backend)) if compiled else (lambda fn: fn)
         self.backward_gate = wrap(backward_gate)
         self.send_back = wrap(send_back)
+        self.native = native
+
+    def native_for(self, tensor: torch.Tensor) -> ModuleType | None:
+        """The native extension if it can run on ``tensor`` here (CPU, not being traced)."""
+        if self.native is None or tensor.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        return self.native
 
 
 EAGER_KERNELS = ChainKernels(compiled=False)
-_compiled_kernels: ChainKernels | None = None
+_shared_kernels: dict[tuple[bool, bool], ChainKernels] = {(False, False): EAGER_KERNELS}
 
 
-def chain_kernels(compiled: bool) -> ChainKernels:
-    """The shared eager or compiled kernels (compiled ones are built once, on first use)."""
-    global _compiled_kernels
-    if not compiled:
-        return EAGER_KERNELS
-    if _compiled_kernels is None:
-        _compiled_kernels = ChainKernels(compiled=True)
-    return _compiled_kernels
+def chain_kernels(compiled: bool, native: bool = False) -> ChainKernels:
+    """The shared kernels: per-gate ones eager or ``compiled``, and with ``native`` the CPU
+    extension in front of them (each built once, on first use; a native extension that
+    cannot be built leaves the per-gate path after a warning)."""
+    key = (compiled, native)
+    if key not in _shared_kernels:
+        from d2r_torchrl.modules.native_chain import load_native_chain
+
+        _shared_kernels[key] = ChainKernels(compiled=compiled, native=load_native_chain() if native else None)
+    return _shared_kernels[key]
 
 
 class ModuleChain(torch.autograd.Function):
@@ -180,6 +199,12 @@ class ModuleChain(torch.autograd.Function):
     def forward(first, index, weight, endorsed, kernels, *params):  # type: ignore[override]
         members, batch, width = first.shape
         num_modules = index.shape[0]
+        native = kernels.native_for(first)
+        if native is not None:
+            mixed, table, active = native.forward(
+                first, index.contiguous(), weight.contiguous(), params[0::2], params[1::2], NATIVE_BLOCK
+            )
+            return mixed, table.view(-1, width), active
         rows, slot_weight = flat_rows(index), weight.flatten(1, 2)
         outputs = torch.empty((num_modules, members, batch, width), dtype=first.dtype, device=first.device)
         active = torch.empty(outputs[1:].shape, dtype=torch.bool, device=first.device)
@@ -212,6 +237,15 @@ class ModuleChain(torch.autograd.Function):
         num_modules, members, batch, slots = index.shape
         samples, width = members * batch, table.shape[-1]
         kernels = ctx.kernels
+        native = kernels.native_for(table)
+        if native is not None:
+            grad_first, grad_weight, *grad_params = native.backward(
+                grad_mixed, index.contiguous(), weight.contiguous(),
+                endorsed.contiguous() if ctx.res_routing else None,
+                table.view(num_modules, members, batch, width), active, params[0::2],
+                ctx.needs_input_grad[5], NATIVE_BLOCK,
+            )
+            return grad_first, None, grad_weight, None, None, *grad_params
         rows, slot_weight = flat_rows(index), weight.flatten(1, 2)  # [N, S, k]
         # d loss / d x_j (the shortcut part of y_j) and d loss / d a_j (the module's own
         # part), rows as in ``table``; without ResRouting the shortcut buffer holds both

@@ -80,6 +80,7 @@ def network_kwargs(config: RunConfig) -> dict:
             module_width=net.module_width,
             top_k=net.top_k,
             compile_chain=config.compile.chain_kernels,
+            native_chain=config.compile.native_chain,
         )
     if net.architecture == "soft_modular":
         return dict(preset=net.soft_modular_preset)

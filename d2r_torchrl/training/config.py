@@ -28,6 +28,7 @@ RESUME_OVERRIDES = (
     "compile.backend",
     "compile.cudagraphs",
     "compile.chain_kernels",
+    "compile.native_chain",
 )
 
 
@@ -123,6 +124,7 @@ class CompileConfig:
     backend: str = "inductor"
     cudagraphs: bool = False
     chain_kernels: bool = False
+    native_chain: bool = False
 
 
 @dataclass

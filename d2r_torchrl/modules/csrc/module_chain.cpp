@@ -1,0 +1,266 @@
+// The D2R module chain (modules 2..N and the output gate of an ensemble of E networks) as
+// one native pass per direction on the CPU, blocked over samples.
+//
+// Computes exactly what ModuleChain in module_chain.py documents (its plain form and
+// ResRouting's gradient paths); the Python side checks it against that implementation
+// (tests/test_native_chain.py). Every sample's route only reads the same sample's module
+// outputs, so a block of `block` samples of one member runs the whole chain on its own:
+// its module outputs (N x block x d) and, backwards, its two gradient buffers stay in
+// cache, and blocks run in parallel (at::parallel_for). Linear maps are BLAS products on a
+// block's rows; everything between them (source reads, bias, ReLU, residual, masks,
+// weighted scatters of gradients) is one loop over the block.
+//
+// Layouts (S = E * B samples, k slots per gate, all contiguous):
+//   first [E, B, d]; index [N, E, B, k] int64; weight, endorsed [N, E, B, k];
+//   matrices[g] [E, d, d], biases[g] [E, d] for modules g + 2 = 2..N;
+//   table [N, E, B, d] (module outputs), active [N - 1, E, B, d] bool (ReLU masks).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+extern "C" {  // the Fortran BLAS that libtorch_cpu exports (MKL on x86)
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+namespace {
+
+// Row-major c[m, n] = op(a) op(b) + beta c, where op(a) is [m, k] (a stored [k, m] if trans_a)
+// and op(b) is [k, n] (b stored [n, k] if trans_b); all rows packed. In BLAS's column-major
+// terms that is c^T = op(b)^T op(a)^T.
+template <typename scalar_t>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a, const scalar_t* b,
+          scalar_t beta, scalar_t* c) {
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int mm = n, nn = m, kk = k, lda = trans_b ? k : n, ldb = trans_a ? m : k, ldc = n;
+  const scalar_t one = 1;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    sgemm_(&ta, &tb, &mm, &nn, &kk, &one, b, &lda, a, &ldb, &beta, c, &ldc);
+  } else {
+    dgemm_(&ta, &tb, &mm, &nn, &kk, &one, b, &lda, a, &ldb, &beta, c, &ldc);
+  }
+}
+
+std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> result;
+  for (const auto& t : tensors) result.push_back(t.contiguous());
+  return result;
+}
+
+struct Shape {
+  int64_t modules, members, batch, width, slots;
+  // row of (module j, member e, sample b) in a [N, E, B, d] buffer, in units of d
+  int64_t row(int64_t j, int64_t e, int64_t b) const { return (j * members + e) * batch + b; }
+  // position of (gate g, member e, sample b)'s first slot in a [N, E, B, k] tensor
+  int64_t slot(int64_t g, int64_t e, int64_t b) const { return ((g * members + e) * batch + b) * slots; }
+};
+
+// out[i] = sum_r weight[g, e, b0 + i, r] * table[index[g, e, b0 + i, r], e, b0 + i] for i < count
+template <typename scalar_t>
+void read_sources(const Shape& s, const scalar_t* table, const int64_t* index, const scalar_t* weight,
+                  int64_t g, int64_t e, int64_t b0, int64_t count, scalar_t* out) {
+  const int64_t d = s.width;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t at = s.slot(g, e, b0 + i);
+    scalar_t* x = out + i * d;
+    const scalar_t* source = table + s.row(index[at], e, b0 + i) * d;
+    const scalar_t w0 = weight[at];
+    for (int64_t c = 0; c < d; ++c) x[c] = w0 * source[c];
+    for (int64_t r = 1; r < s.slots; ++r) {
+      source = table + s.row(index[at + r], e, b0 + i) * d;
+      const scalar_t w = weight[at + r];
+      for (int64_t c = 0; c < d; ++c) x[c] += w * source[c];
+    }
+  }
+}
+
+// Gate g's input gradients back to its sources (the block's local buffers, rows j * block + i),
+// and its mixing weights' gradients; grad_x is null at the output gate, own_grad without ResRouting.
+template <typename scalar_t>
+void send_back(const Shape& s, const scalar_t* table, const int64_t* index, const scalar_t* weight,
+               const scalar_t* endorsed, int64_t g, int64_t e, int64_t b0, int64_t count, int64_t block,
+               const scalar_t* grad_x, const scalar_t* grad_x_tilde, scalar_t* shortcut_grad, scalar_t* own_grad,
+               scalar_t* grad_weight, scalar_t* both) {
+  const int64_t d = s.width;
+  for (int64_t i = 0; i < count; ++i) {
+    const scalar_t* gxt = grad_x_tilde + i * d;
+    const scalar_t* gx = grad_x == nullptr ? nullptr : grad_x + i * d;
+    if (gx == nullptr) {
+      std::memcpy(both, gxt, d * sizeof(scalar_t));
+    } else {
+      for (int64_t c = 0; c < d; ++c) both[c] = gx[c] + gxt[c];
+    }
+    const int64_t at = s.slot(g, e, b0 + i);
+    for (int64_t r = 0; r < s.slots; ++r) {
+      const int64_t j = index[at + r];
+      const scalar_t w = weight[at + r];
+      const scalar_t* source = table + s.row(j, e, b0 + i) * d;
+      scalar_t* shortcut = shortcut_grad + (j * block + i) * d;
+      scalar_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < d; ++c) {
+        dot += source[c] * both[c];
+        shortcut[c] += w * both[c];
+      }
+      grad_weight[at + r] = dot;
+      if (own_grad != nullptr) {
+        scalar_t* own = own_grad + (j * block + i) * d;
+        const scalar_t endorsed_w = w * endorsed[at + r];
+        if (gx == nullptr) {
+          for (int64_t c = 0; c < d; ++c) own[c] += endorsed_w * gxt[c];
+        } else {
+          for (int64_t c = 0; c < d; ++c) own[c] += endorsed_w * gxt[c] + w * gx[c];
+        }
+      }
+    }
+  }
+}
+
+void check_inputs(const at::Tensor& first, const at::Tensor& index, const at::Tensor& weight,
+                  const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases) {
+  TORCH_CHECK(first.device().is_cpu(), "native D2R chain: CPU tensors only, got ", first.device());
+  TORCH_CHECK(first.dim() == 3 && index.dim() == 4 && weight.sizes() == index.sizes(),
+              "native D2R chain: expected first [E, B, d], index and weight [N, E, B, k]; got ", first.sizes(), ", ",
+              index.sizes(), ", ", weight.sizes());
+  TORCH_CHECK(index.size(1) == first.size(0) && index.size(2) == first.size(1),
+              "native D2R chain: index [N, E, B, k] does not match first [E, B, d]");
+  TORCH_CHECK(index.scalar_type() == at::kLong, "native D2R chain: index must be int64");
+  TORCH_CHECK(static_cast<int64_t>(matrices.size()) == index.size(0) - 1 && biases.size() == matrices.size(),
+              "native D2R chain: expected N - 1 = ", index.size(0) - 1, " module weights and biases");
+  for (const auto& t : {index, weight}) TORCH_CHECK(t.is_contiguous(), "native D2R chain: inputs must be contiguous");
+}
+
+}  // namespace
+
+// Returns (output mixture [E, B, d], table [N, E, B, d], active [N - 1, E, B, d] bool).
+std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor& index, const at::Tensor& weight,
+                                      const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases,
+                                      int64_t block) {
+  check_inputs(first, index, weight, matrices, biases);
+  const Shape s{index.size(0), first.size(0), first.size(1), first.size(2), index.size(3)};
+  auto table = at::empty({s.modules, s.members, s.batch, s.width}, first.options());
+  auto active = at::empty({s.modules - 1, s.members, s.batch, s.width}, first.options().dtype(at::kBool));
+  auto mixed = at::empty({s.members, s.batch, s.width}, first.options());
+  const auto first_c = first.contiguous();
+  const auto matrix = contiguous_all(matrices), bias = contiguous_all(biases);
+  const int64_t blocks = (s.batch + block - 1) / block, d = s.width;
+  AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "d2r_chain_forward", [&] {
+    const int64_t* idx = index.data_ptr<int64_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* out = table.data_ptr<scalar_t>();
+    bool* mask = active.data_ptr<bool>();
+    at::parallel_for(0, s.members * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> x(block * d);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t e = task / blocks, b0 = (task % blocks) * block, count = std::min(block, s.batch - b0);
+        const int64_t n = count * d;
+        std::memcpy(out + s.row(0, e, b0) * d, first_c.data_ptr<scalar_t>() + (e * s.batch + b0) * d,
+                    n * sizeof(scalar_t));
+        for (int64_t g = 0; g + 1 < s.modules; ++g) {
+          read_sources(s, out, idx, w, g, e, b0, count, x.data());
+          scalar_t* y = out + s.row(g + 1, e, b0) * d;
+          // y = x W^T, then bias, ReLU mask, ReLU and residual in one loop
+          gemm(false, true, count, d, d, x.data(), matrix[g].data_ptr<scalar_t>() + e * d * d, scalar_t(0), y);
+          const scalar_t* b = bias[g].data_ptr<scalar_t>() + e * d;
+          bool* m = mask + s.row(g, e, b0) * d;
+          for (int64_t i = 0; i < count; ++i) {
+            for (int64_t c = 0; c < d; ++c) {
+              const scalar_t pre = y[i * d + c] + b[c];
+              m[i * d + c] = pre > 0;
+              y[i * d + c] = std::max(pre, scalar_t(0)) + x[i * d + c];
+            }
+          }
+        }
+        read_sources(s, out, idx, w, s.modules - 1, e, b0, count, mixed.data_ptr<scalar_t>() + (e * s.batch + b0) * d);
+      }
+    });
+  });
+  return {mixed, table, active};
+}
+
+// Returns (grad first [E, B, d], grad weight [N, E, B, k], then per module g: grad matrix
+// [E, d, d], grad bias [E, d]; the parameter gradients are undefined (None) unless need_params).
+std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::Tensor& index, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& endorsed, const at::Tensor& table,
+                                       const at::Tensor& active, const std::vector<at::Tensor>& matrices,
+                                       bool need_params, int64_t block) {
+  const Shape s{index.size(0), table.size(1), table.size(2), table.size(3), index.size(3)};
+  const bool res_routing = endorsed.has_value();
+  const auto options = table.options();
+  const auto grad_out = grad_mixed.contiguous();
+  const auto matrix = contiguous_all(matrices);
+  auto grad_first = at::empty({s.members, s.batch, s.width}, options);
+  auto grad_weight = at::empty(index.sizes(), options);
+  // parameter gradients, [N - 1, E, d, d] and [N - 1, E, d]: one accumulator per thread, summed at the end
+  const int64_t threads = need_params ? at::get_num_threads() : 0;
+  auto grad_matrices = at::zeros({threads, s.modules - 1, s.members, s.width, s.width}, options);
+  auto grad_biases = at::zeros({threads, s.modules - 1, s.members, s.width}, options);
+  const int64_t blocks = (s.batch + block - 1) / block, d = s.width;
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "d2r_chain_backward", [&] {
+    const int64_t* idx = index.data_ptr<int64_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    const scalar_t* endorse = res_routing ? endorsed->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* tab = table.data_ptr<scalar_t>();
+    const bool* mask = active.data_ptr<bool>();
+    scalar_t* gw = grad_weight.data_ptr<scalar_t>();
+    at::parallel_for(0, s.members * blocks, 1, [&](int64_t begin, int64_t end) {
+      // the block's d loss / d (shortcut part) and d loss / d (module's own part) of every
+      // module output, rows j * block + i; without ResRouting the shortcut buffer holds both
+      std::vector<scalar_t> shortcut(s.modules * block * d), own(res_routing ? s.modules * block * d : 0);
+      std::vector<scalar_t> x(block * d), grad_pre(block * d), grad_x_tilde(block * d), both(d);
+      scalar_t* own_grad = res_routing ? own.data() : nullptr;
+      scalar_t* module_grad = res_routing ? own.data() : shortcut.data();  // d loss / d a_j
+      const int64_t thread = need_params ? at::get_thread_num() : 0;
+      scalar_t* matrix_acc = need_params ? grad_matrices[thread].data_ptr<scalar_t>() : nullptr;
+      scalar_t* bias_acc = need_params ? grad_biases[thread].data_ptr<scalar_t>() : nullptr;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t e = task / blocks, b0 = (task % blocks) * block, count = std::min(block, s.batch - b0);
+        std::fill(shortcut.begin(), shortcut.end(), scalar_t(0));
+        std::fill(own.begin(), own.end(), scalar_t(0));
+        send_back(s, tab, idx, w, endorse, s.modules - 1, e, b0, count, block, static_cast<const scalar_t*>(nullptr),
+                  grad_out.data_ptr<scalar_t>() + (e * s.batch + b0) * d, shortcut.data(), own_grad, gw, both.data());
+        for (int64_t g = s.modules - 2; g >= 0; --g) {
+          read_sources(s, tab, idx, w, g, e, b0, count, x.data());  // recomputed: cheaper than kept
+          const scalar_t* grad_y = module_grad + (g + 1) * block * d;
+          const bool* m = mask + s.row(g, e, b0) * d;
+          for (int64_t c = 0; c < count * d; ++c) grad_pre[c] = m[c] ? grad_y[c] : scalar_t(0);
+          if (need_params) {
+            scalar_t* bias_g = bias_acc + (g * s.members + e) * d;
+            for (int64_t i = 0; i < count; ++i)
+              for (int64_t c = 0; c < d; ++c) bias_g[c] += grad_pre[i * d + c];
+            // grad W [d_out, d_in] += grad_pre^T x
+            gemm(true, false, d, d, count, grad_pre.data(), x.data(), scalar_t(1),
+                 matrix_acc + (g * s.members + e) * d * d);
+          }
+          gemm(false, false, count, d, d, grad_pre.data(), matrix[g].data_ptr<scalar_t>() + e * d * d, scalar_t(0),
+               grad_x_tilde.data());
+          send_back(s, tab, idx, w, endorse, g, e, b0, count, block, shortcut.data() + (g + 1) * block * d,
+                    grad_x_tilde.data(), shortcut.data(), own_grad, gw, both.data());
+        }
+        std::memcpy(grad_first.data_ptr<scalar_t>() + (e * s.batch + b0) * d, module_grad, count * d * sizeof(scalar_t));
+      }
+    });
+  });
+  std::vector<at::Tensor> result{grad_first, grad_weight};
+  const auto matrices_sum = threads == 1 ? grad_matrices[0] : grad_matrices.sum(0);
+  const auto biases_sum = threads == 1 ? grad_biases[0] : grad_biases.sum(0);
+  for (int64_t g = 0; g + 1 < s.modules; ++g) {
+    result.push_back(need_params ? matrices_sum[g] : at::Tensor());
+    result.push_back(need_params ? biases_sum[g] : at::Tensor());
+  }
+  return result;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &chain_forward, "D2R module chain forward (CPU, blocked over samples)");
+  m.def("backward", &chain_backward, "D2R module chain backward (CPU, blocked over samples)");
+}
