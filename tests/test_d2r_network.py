@@ -368,11 +368,12 @@ def test_res_routing_cuts_non_endorsed_module_weights() -> None:
 
 @pytest.mark.parametrize("case", [_forced_case, _random_case], ids=["forced", "random"])
 @pytest.mark.parametrize("res_routing", [True, False])
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled_kernels"])
-def test_gradients_match_a_gate_by_gate_implementation(case, res_routing: bool, compiled: bool) -> None:
+@pytest.mark.parametrize("kernels", ["eager", "compiled_kernels", "native"])
+def test_gradients_match_a_gate_by_gate_implementation(case, res_routing: bool, kernels: str) -> None:
     net, features, task_id, route = case()
     net.res_routing = res_routing
-    net.compile_chain = compiled
+    net.compile_chain = kernels == "compiled_kernels"
+    net.native_chain = kernels == "native"
     net.train()
     direction = torch.randn(len(features), OUT, dtype=torch.float64)
     with set_routing_mode("behaviour"):
@@ -386,9 +387,11 @@ def test_gradients_match_a_gate_by_gate_implementation(case, res_routing: bool, 
     if res_routing:
         plain = _gradients(net, reference_forward(net, features, task_id, route, False), direction)
         assert any(not torch.allclose(plain[name], grads[name]) for name in grads)
-    if compiled:  # the compiled kernels ran (no fallback to the eager ones)
-        kernels = chain_kernels(compiled=True)
-        assert kernels.backward_gate.compiled is not None and kernels.send_back.compiled is not None
+    if kernels == "compiled_kernels":  # the compiled kernels ran (no fallback to the eager ones)
+        compiled = chain_kernels(compiled=True)
+        assert compiled.backward_gate.compiled is not None and compiled.send_back.compiled is not None
+    if kernels == "native":  # the extension was built (no fallback to the per-gate path)
+        assert chain_kernels(compiled=False, native=True).native is not None
 
 
 def test_chain_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch) -> None:
@@ -401,7 +404,7 @@ def test_chain_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch) -> N
     with set_routing_mode("behaviour"):
         expected = _gradients(net, net(features, task_id, route)[0], direction)
     kernels = ChainKernels(compiled=True, backend=broken_compiler)
-    monkeypatch.setattr(d2r_module, "chain_kernels", lambda compiled: kernels)
+    monkeypatch.setattr(d2r_module, "chain_kernels", lambda compiled, native: kernels)
     with pytest.warns(UserWarning, match="run eagerly: compiling (send_back|backward_gate) failed"), set_routing_mode("behaviour"):
         grads = _gradients(net, net(features, task_id, route)[0], direction)
     assert kernels.send_back.compiled is None and kernels.backward_gate.compiled is None

@@ -1,0 +1,170 @@
+"""The native CPU pass of the D2R module chain against the per-gate Python path.
+
+``test_gradients_match_a_gate_by_gate_implementation[...-native]`` (test_d2r_network.py)
+checks the native pass against METHOD.md's equations written out gate by gate; these tests
+cover what that small network does not: several members, ragged sample blocks, float32,
+detached parameters, threads, vmapped ensembles, and the fallbacks.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import d2r_torchrl.modules.native_chain as native_chain
+from d2r_torchrl.modules.actor_critic import make_critic
+from d2r_torchrl.modules.module_chain import NATIVE_BLOCK, ChainKernels, chain_kernels, run_chain
+from d2r_torchrl.modules.routing import set_routing_mode
+from tensordict import TensorDict
+
+NATIVE = chain_kernels(compiled=False, native=True)
+
+
+def chain_inputs(
+    members: int, batch: int, width: int, modules: int, slots: int, dtype: torch.dtype, res_routing: bool, seed: int = 0
+) -> dict:
+    """Random chain inputs in :class:`ModuleChain`'s layout: gate ``g`` reads ``slots`` of its
+    ``g + 1`` candidates (repeats allowed, as padding slots are), with weights summing to 1."""
+    generator = torch.Generator().manual_seed(seed)
+    gate = torch.arange(modules).view(modules, 1, 1, 1)
+    index = (torch.rand(modules, members, batch, slots, generator=generator) * (gate + 1)).long()
+    weight = torch.softmax(torch.randn(modules, members, batch, slots, generator=generator, dtype=dtype), -1)
+    endorsed = (torch.rand(modules, members, batch, slots, generator=generator) > 0.4).to(dtype) if res_routing else None
+    params = []
+    for _ in range(modules - 1):
+        params += [
+            (torch.randn(members, width, width, generator=generator, dtype=dtype) / width**0.5).requires_grad_(),
+            (0.1 * torch.randn(members, width, generator=generator, dtype=dtype)).requires_grad_(),
+        ]
+    first = torch.randn(members, batch, width, generator=generator, dtype=dtype).requires_grad_()
+    return dict(first=first, index=index, weight=weight.requires_grad_(), endorsed=endorsed, params=params)
+
+
+def run_with_gradients(inputs: dict, kernels: ChainKernels, direction: torch.Tensor) -> list[torch.Tensor]:
+    """The chain's output and the gradients of ``(output * direction).sum()`` w.r.t. every
+    differentiable input that requires one."""
+    output = run_chain(inputs["first"], inputs["index"], inputs["weight"], inputs["endorsed"], inputs["params"], kernels)
+    wrt = [t for t in (inputs["first"], inputs["weight"], *inputs["params"]) if t.requires_grad]
+    return [output, *torch.autograd.grad((output * direction).sum(), wrt)]
+
+
+@pytest.mark.parametrize("res_routing", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_pass_matches_the_per_gate_path(res_routing: bool, dtype: torch.dtype) -> None:
+    # 3 members, 2 blocks and a ragged one, 3 slots: gates 0 and 1 have padding slots
+    batch = 2 * NATIVE_BLOCK + 22
+    inputs = chain_inputs(3, batch, 16, 6, 3, dtype, res_routing)
+    direction = torch.randn(3, batch, 16, dtype=dtype)
+    assert NATIVE.native is not None, "the native extension could not be built"
+    expected = run_with_gradients(inputs, chain_kernels(compiled=False), direction)
+    native = run_with_gradients(inputs, NATIVE, direction)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for got, want in zip(native, expected, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_native_pass_with_detached_parameters_returns_no_parameter_gradients() -> None:
+    inputs = chain_inputs(2, 40, 8, 5, 2, torch.float64, True)
+    inputs["params"] = [p.detach() for p in inputs["params"]]
+    direction = torch.randn(2, 40, 8, dtype=torch.float64)
+    expected = run_with_gradients(inputs, chain_kernels(compiled=False), direction)
+    native = run_with_gradients(inputs, NATIVE, direction)
+    assert len(native) == 3  # output, first, weight
+    for got, want in zip(native, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_native_pass_gives_the_same_result_on_two_threads() -> None:
+    inputs = chain_inputs(2, 3 * NATIVE_BLOCK, 16, 6, 2, torch.float64, True)
+    direction = torch.randn(2, 3 * NATIVE_BLOCK, 16, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_with_gradients(inputs, NATIVE, direction)
+        torch.set_num_threads(2)
+        two = run_with_gradients(inputs, NATIVE, direction)
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(two, one, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_vmapped_native_critics_match_the_per_gate_path() -> None:
+    """Twin D2R critics under ``torch.vmap`` (as the loss runs them): values and gradients."""
+    small = dict(num_modules=5, module_width=16, top_k=2, encoder_widths=(24, 20), router_widths=(18,))
+    critics = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        critics.append(make_critic("d2r", 6, 2, 3, **small))
+    params = TensorDict.from_modules(*critics, as_module=True)
+    generator = torch.Generator().manual_seed(3)
+    data = TensorDict(
+        {
+            "observation": torch.randn(70, 6, generator=generator),
+            "action": torch.rand(70, 2, generator=generator) * 2 - 1,
+            "task_id": torch.randint(0, 3, (70,), generator=generator),
+        },
+        [70],
+    )
+
+    def values(native: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        critics[0].network.native_chain = native
+
+        def call(p: TensorDict, td: TensorDict) -> torch.Tensor:
+            with p.to_module(critics[0]):
+                return critics[0](td)["state_action_value"]
+
+        with set_routing_mode("topk"):
+            out = torch.vmap(call, (0, None))(params, data.clone())
+        leaves = [leaf for leaf in params.values(True, True) if leaf.requires_grad]
+        return out, list(torch.autograd.grad(out.square().sum(), leaves, allow_unused=True, materialize_grads=True))
+
+    expected, expected_grads = values(False)
+    native, native_grads = values(True)
+    torch.testing.assert_close(native, expected, rtol=1e-5, atol=1e-6)
+    for got, want in zip(native_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_native_pass_steps_aside_under_torch_compile() -> None:
+    """Inside ``torch.compile`` the chain traces its per-gate path (the extension is opaque
+    to the compiler): one graph, the same values and gradients."""
+    inputs = chain_inputs(1, 20, 8, 4, 2, torch.float32, True)
+    direction = torch.randn(1, 20, 8)
+    expected = run_with_gradients(inputs, NATIVE, direction)
+
+    def step(first, weight, *params):
+        out = run_chain(first, inputs["index"], weight, inputs["endorsed"], params, NATIVE)
+        return (out * direction).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = (inputs["first"], inputs["weight"], *inputs["params"])
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    torch.testing.assert_close(loss, (expected[0] * direction).sum())
+    for got, want in zip(grads, expected[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_extension_that_cannot_be_built_warns_and_leaves_the_per_gate_path(monkeypatch) -> None:
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'd2r_module_chain': g++: command not found")
+
+    monkeypatch.setattr(native_chain, "_extension", None)
+    monkeypatch.setattr(native_chain, "_unavailable", None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="could not be built .*g\\+\\+: command not found.*compile.native_chain=false"):
+        assert native_chain.load_native_chain() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert native_chain.load_native_chain() is None
+    kernels = ChainKernels(compiled=False, native=native_chain.load_native_chain())
+    inputs = chain_inputs(1, 12, 8, 4, 2, torch.float64, True)
+    direction = torch.randn(1, 12, 8, dtype=torch.float64)
+    for got, want in zip(
+        run_with_gradients(inputs, kernels, direction),
+        run_with_gradients(inputs, chain_kernels(compiled=False), direction),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want)
