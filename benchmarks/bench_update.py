@@ -9,11 +9,12 @@ is the ratio to MT-SAC and, with ``--reference DIR`` (a checkout of GitHub
 authors' D2R update time over ours.
 
     python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--threads N] [--device auto]
-        [--chain-kernels] [--native-chain] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
+        [--per-gate-chain] [--chain-kernels] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
 
-``eager`` rows use the default config; ``--chain-kernels`` adds ``kernels`` rows with only the
-D2R chain's backward kernels compiled (``compile.chain_kernels=true``), ``--native-chain``
-``native`` rows with the chain's native CPU pass (``compile.native_chain=true``).
+``eager`` rows use the default config (on the CPU, the D2R chain's native pass);
+``--per-gate-chain`` adds ``per-gate`` rows with the chain's per-gate Python path
+(``compile.native_chain=false``) and ``--chain-kernels`` ``kernels`` rows with that path's
+backward kernels compiled (``compile.chain_kernels=true``).
 """
 from __future__ import annotations
 
@@ -104,9 +105,9 @@ def main() -> None:
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--cudagraphs", action="store_true", help="compiled rows also capture CUDA graphs")
     parser.add_argument("--chain-kernels", action="store_true",
-                        help="also time the update with the D2R chain's backward kernels compiled (compile.chain_kernels)")
-    parser.add_argument("--native-chain", action="store_true",
-                        help="also time the update with the D2R chain's native CPU pass (compile.native_chain)")
+                        help="also time the per-gate path with its backward kernels compiled (compile.chain_kernels)")
+    parser.add_argument("--per-gate-chain", action="store_true",
+                        help="also time the update with the D2R chain's per-gate path (compile.native_chain=false)")
     parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL (CPU only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -114,10 +115,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = builders.resolve_device(args.device)
     variants = {"eager": []}
+    if args.per_gate_chain:
+        variants["per-gate"] = ["compile.native_chain=false"]
     if args.chain_kernels:
-        variants["kernels"] = ["compile.chain_kernels=true"]
-    if args.native_chain:
-        variants["native"] = ["compile.native_chain=true"]
+        variants["kernels"] = ["compile.native_chain=false", "compile.chain_kernels=true"]
     if args.compile:
         variants["compiled"] = ["compile.enabled=true"] + (
             [f"compile.mode={args.compile_mode}"] if args.compile_mode else []

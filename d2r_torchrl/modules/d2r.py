@@ -60,7 +60,7 @@ class D2RNetwork(nn.Module):
         router_widths: tuple[int, ...] = (256, 256),
         res_routing: bool = True,
         compile_chain: bool = False,
-        native_chain: bool = False,
+        native_chain: bool = True,
     ) -> None:
         super().__init__()
         if num_tasks < 1:

@@ -52,7 +52,7 @@ LEARNING_EASY_CPU = (
     "eval.episodes_per_task=10",
     "log.checkpoint_interval_rounds=5",
     "buffer.in_checkpoint=true",
-    "compile.chain_kernels=true",  # one torch thread per run: the compiled chain kernels pay
+    "compile.chain_kernels=true",  # one torch thread per run: they pay where the native chain cannot be built
 )
 # The same tasks with fixed goals (one goal per task, the setting of the MT10 numbers
 # published with fixed goals), 15k steps per task; a deterministic policy repeats its

@@ -114,17 +114,21 @@ class LogConfig:
 class CompileConfig:
     """``enabled``: ``torch.compile`` the update (``mode``/``backend`` passed on);
     ``cudagraphs``: capture the update in a CUDA graph (CUDA devices only);
-    ``chain_kernels``: compile only the D2R module chain's per-gate backward kernels (fused
+    ``native_chain``: on the CPU, run the D2R module chain as one native C++ pass per
+    direction, blocked over samples (:mod:`~d2r_torchrl.modules.native_chain`, compiled on
+    first use; the per-gate path runs on CUDA, inside ``torch.compile`` or where it cannot
+    be built): the fastest CPU update (benchmarks/RESULTS.md), so on by default;
+    ``chain_kernels``: compile the per-gate backward kernels of that per-gate path (fused
     gathers, products and scatters; see :class:`~d2r_torchrl.modules.module_chain.ChainKernels`):
-    on the CPU about 7% off a D2R update with one torch thread, nothing with two
-    (benchmarks/RESULTS.md), so off by default."""
+    about 7% off a D2R update with one torch thread and without the native pass, nothing
+    with two, so off by default."""
 
     enabled: bool = False
     mode: typing.Optional[str] = None
     backend: str = "inductor"
     cudagraphs: bool = False
     chain_kernels: bool = False
-    native_chain: bool = False
+    native_chain: bool = True
 
 
 @dataclass
