@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -57,24 +58,28 @@ def build_update(
     return update, random_transitions(actor, num_tasks, batch_size, OBS, device=device)
 
 
-def time_update(
-    architecture: str, num_tasks: int, batch_size: int, repeats: int, device: torch.device, compile_overrides: list[str]
-) -> float:
-    """Median milliseconds of one update, after warm-up updates (more when compiling)."""
-    update, batch = build_update(architecture, num_tasks, batch_size, device, compile_overrides)
+def time_updates(
+    architectures: list[str], num_tasks: int, batch_size: int, repeats: int, device: torch.device,
+    compile_overrides: list[str],
+) -> dict[str, float]:
+    """Median milliseconds of one update per architecture, after warm-up updates (more when
+    compiling). The architectures take turns, one update each per repeat, so that a slow
+    stretch of a shared machine weighs on all of them alike and their ratios hold."""
+    built = {arch: build_update(arch, num_tasks, batch_size, device, compile_overrides) for arch in architectures}
     warmup = 8 if "compile.enabled=true" in compile_overrides else 3  # compiled chain kernels: 1-2 updates
-    times = []
+    times: dict[str, list[float]] = {arch: [] for arch in architectures}
     for i in range(repeats + warmup):
-        sample = batch.clone()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        update(sample)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+        for arch, (update, batch) in built.items():
+            sample = batch.clone()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            update(sample)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[arch].append(time.perf_counter() - start)
+    return {arch: 1000 * statistics.median(arch_times) for arch, arch_times in times.items()}
 
 
 def reference_times(reference: str | None, sizes: list[str], repeats: int) -> dict[str, float]:
@@ -130,10 +135,7 @@ def main() -> None:
     for size in args.sizes:
         num_tasks, batch_size = SIZES[size]
         for variant, overrides in variants.items():
-            times = {
-                arch: time_update(arch, num_tasks, batch_size, args.repeats, device, overrides)
-                for arch in args.architectures
-            }
+            times = time_updates(args.architectures, num_tasks, batch_size, args.repeats, device, overrides)
             for arch, ms in times.items():
                 ratio = ms / times["mt_sac"] if "mt_sac" in times else float("nan")
                 speedup = reference[size] / ms if arch == "d2r" and size in reference else float("nan")

@@ -57,3 +57,34 @@ def test_pad_and_flatten_follow_the_gate_order() -> None:
         assert torch.equal(torch.vmap(layout.pad)(flat.detach().expand(2, 6)), padded.detach().expand(2, 3, 3))
     routes = layout.pad(torch.tensor([True, False, True, True, False, True]), fill=False)
     assert routes.tolist() == [[True, False, False], [False, True, False], [True, False, True]]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_top_k_picks_the_torch_columns(k: int, dtype: torch.dtype) -> None:
+    """The native top-k against ``torch.topk`` + sort on padded logits (``-inf`` past each
+    gate's candidates), with a NaN, vmapped, and on 0/1 behaviour scores. Gates with fewer
+    than ``k`` candidates fill their padding slots with distinct invalid columns, which
+    ``torch.topk`` picks among the tied ``-inf`` in no set order: those slots must be
+    invalid, and equal once clamped to the gate's last candidate (as the chain reads them)."""
+    from d2r_torchrl.modules.routing import _topk_index
+
+    torch.manual_seed(2)
+    layout = GateLayout(num_modules=7, top_k=k)
+    logits = layout.pad(torch.randn(64, layout.num_logits, dtype=dtype))
+    logits[3, 4, 1] = float("nan")  # torch.topk ranks NaN first
+
+    def assert_same_sources(native: torch.Tensor, expected: torch.Tensor) -> None:
+        assert native.dtype == torch.long and native.shape == expected.shape
+        invalid = native > torch.arange(7).view(7, 1)
+        assert torch.equal(invalid, ~layout.slot_valid.expand_as(invalid))
+        assert (native.diff(dim=-1) > 0).all()  # distinct, ascending
+        clamp = layout.last_source
+        assert torch.equal(torch.minimum(native, clamp), torch.minimum(expected, clamp))
+
+    expected = _topk_index(logits, k)
+    assert_same_sources(_topk_index(logits, k, native=True), expected)
+    vmapped = torch.vmap(lambda z: _topk_index(z, k, native=True))(logits.view(4, 16, 7, 7))
+    assert_same_sources(vmapped.view(64, 7, k), expected)
+    stored = layout.pad(layout.flatten(route_mask(expected, layout)), fill=False).to(dtype)
+    assert_same_sources(_topk_index(stored, k, native=True), expected)

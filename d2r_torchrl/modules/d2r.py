@@ -36,8 +36,9 @@ class D2RNetwork(nn.Module):
             ``torch.compile`` (:class:`~d2r_torchrl.modules.module_chain.ChainKernels`);
             an attribute, so it can be switched after construction.
         native_chain: on the CPU, run the module chain as one native pass per direction
-            (:mod:`~d2r_torchrl.modules.native_chain`; the per-gate kernels run on CUDA, under
-            ``torch.compile`` or if it cannot be built); an attribute too.
+            and pick routes with the native top-k (:mod:`~d2r_torchrl.modules.native_chain`;
+            the torch path runs on CUDA, under ``torch.compile`` or if it cannot be built);
+            an attribute too.
 
     ``forward(features [*B, in], task_id [*B] or [*B, 1], behaviour_route [*B, L] bool)``
     returns ``(out [*B, out], logits [*B, L], route [*B, L] bool)`` with
@@ -117,6 +118,7 @@ class D2RNetwork(nn.Module):
             routing_mode(),
             temperature=self.route_temperature[task_id],
             behaviour=behaviour_route,
+            native=self.native_chain,
         )
         weights = slot_weights(logits, index, self.layout)
         res_routing = self.res_routing and self.training and torch.is_grad_enabled()

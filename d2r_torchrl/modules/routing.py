@@ -140,14 +140,43 @@ class GateLayout(torch.nn.Module):
         return padded.flatten(-2)[..., self.flat_index]
 
 
-def _topk_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _topk_index(scores: torch.Tensor, k: int, native: bool = False) -> torch.Tensor:
     """Columns of the ``k`` largest scores per row in ascending order, ``[..., N, k]``.
 
     A row ``g`` with fewer than ``k`` valid (finite) candidates gets all of them, then
     columns ``> g`` (invalid). The order makes a replayed route sum its sources in the
-    same order as the pass that chose it (bit-identical outputs).
+    same order as the pass that chose it (bit-identical outputs). With ``native``, CPU
+    tensors outside ``torch.compile`` go through the extension's ``top_k_columns`` (one
+    loop per row; ``torch.topk`` over 16 columns is the largest routing cost on the CPU),
+    which ``tests/test_routing_slots.py`` checks against this function's torch form.
     """
+    if native and scores.device.type == "cpu" and not torch.compiler.is_compiling():
+        from d2r_torchrl.modules.native_chain import load_native_chain
+
+        extension = load_native_chain()
+        if extension is not None:
+            return _NativeTopK.apply(scores, k, extension)
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+class _NativeTopK(torch.autograd.Function):
+    """``top_k_columns`` of the native extension over the last dimension (no gradient), with
+    a vmap rule that moves the vmapped dimension to the front (rows are independent)."""
+
+    @staticmethod
+    def forward(scores: torch.Tensor, k: int, extension) -> torch.Tensor:  # type: ignore[override]
+        columns = extension.top_k_columns(scores.reshape(-1, scores.shape[-1]), k)
+        return columns.view(*scores.shape[:-1], k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def vmap(info, in_dims, scores, k, extension):
+        if in_dims[0] is None:
+            return _NativeTopK.apply(scores, k, extension), None
+        return _NativeTopK.apply(scores.movedim(in_dims[0], 0), k, extension), 0
 
 
 def select_sources(
@@ -156,6 +185,7 @@ def select_sources(
     mode: RoutingMode,
     temperature: torch.Tensor | None = None,
     behaviour: torch.Tensor | None = None,
+    native: bool = False,
 ) -> torch.Tensor:
     """The sources of every gate as column indices, ``[..., N, k]`` long.
 
@@ -169,21 +199,23 @@ def select_sources(
         mode: routing mode.
         temperature: ``[...]`` per-sample routing temperature (``SAMPLE``/``BEHAVIOUR``).
         behaviour: ``[..., N(N+1)/2]`` bool stored route (``BEHAVIOUR``).
+        native: pick the top-k with the native CPU extension where it runs (see
+            :func:`_topk_index`); the same sources.
     """
     logits = logits.detach()
     if mode is RoutingMode.TOPK:
-        return _topk_index(logits, layout.top_k)
+        return _topk_index(logits, layout.top_k, native)
     if temperature is None:
         raise ValueError(f"routing mode {mode.value!r} needs a per-sample temperature.")
     uniform = torch.rand_like(logits).clamp(min=torch.finfo(logits.dtype).tiny, max=1.0)
     gumbel = -torch.log(-torch.log(uniform))
-    sampled = _topk_index(logits / temperature[..., None, None] + gumbel, layout.top_k)
+    sampled = _topk_index(logits / temperature[..., None, None] + gumbel, layout.top_k, native)
     if mode is RoutingMode.SAMPLE:
         return sampled
     if behaviour is None:
         raise ValueError("routing mode 'behaviour' needs the stored behaviour route.")
     behaviour = behaviour.bool()
-    stored = _topk_index(layout.pad(behaviour, fill=False).to(logits.dtype), layout.top_k)
+    stored = _topk_index(layout.pad(behaviour, fill=False).to(logits.dtype), layout.top_k, native)
     has_route = behaviour.any(-1)[..., None, None]
     return torch.where(has_route, stored, sampled)
 

@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -260,7 +261,44 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::T
   return result;
 }
 
+// Columns of the k largest scores of each row of scores [R, n], in ascending column order,
+// [R, k] int64: torch.topk(scores, k).indices.sort() for rows without ties; among equal
+// scores the lower column wins, and NaN counts as the largest score, as in torch.topk.
+at::Tensor top_k_columns(const at::Tensor& scores, int64_t k) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2, "top_k_columns: expected CPU scores [R, n], got ",
+              scores.sizes(), " on ", scores.device());
+  const int64_t rows = scores.size(0), n = scores.size(1);
+  TORCH_CHECK(k >= 1 && k <= n, "top_k_columns: k must be in [1, ", n, "], got ", k);
+  const auto values = scores.contiguous();
+  auto columns = at::empty({rows, k}, scores.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "d2r_top_k_columns", [&] {
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    int64_t* out = columns.data_ptr<int64_t>();
+    const auto above = [](scalar_t a, scalar_t b) { return a > b || (std::isnan(a) && !std::isnan(b)); };
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> best(k);
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = v + r * n;
+        int64_t kept = 0;  // best[0..kept) by score, highest first; ties keep the earlier column
+        for (int64_t c = 0; c < n; ++c) {
+          if (kept == k && !above(row[c], row[best[k - 1]])) continue;
+          int64_t at = kept < k ? kept++ : k - 1;
+          while (at > 0 && above(row[c], row[best[at - 1]])) {
+            best[at] = best[at - 1];
+            --at;
+          }
+          best[at] = c;
+        }
+        std::copy(best.begin(), best.end(), out + r * k);
+        std::sort(out + r * k, out + (r + 1) * k);
+      }
+    });
+  });
+  return columns;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("top_k_columns", &top_k_columns, "ascending columns of the k largest scores per row (CPU)");
   m.def("forward", &chain_forward, "D2R module chain forward (CPU, blocked over samples)");
   m.def("backward", &chain_backward, "D2R module chain backward (CPU, blocked over samples)");
 }
