@@ -8,6 +8,7 @@ chain runs its Python path.
 from __future__ import annotations
 
 import pathlib
+import re
 import warnings
 from types import ModuleType
 
@@ -31,9 +32,11 @@ def load_native_chain() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
+    # one build per vector capability and torch release (a build for another torch cannot load)
+    name = re.sub(r"\W", "_", f"d2r_module_chain_{capability}_torch{torch.__version__}").lower()
     try:
         _extension = cpp_extension.load(
-            name=f"d2r_module_chain_{capability.lower()}",
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *_VECTOR_FLAGS.get(capability, [])],
             extra_ldflags=["-fopenmp"],
