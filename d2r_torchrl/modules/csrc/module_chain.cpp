@@ -19,7 +19,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -261,6 +260,14 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::T
   return result;
 }
 
+// An unsigned integer ordered as the float: -inf < ... < -0 < +0 < ... < +inf < NaN.
+uint32_t order_key(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if (value != value) return 0xffffffffu;
+  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+}
+
 // Columns of the k largest scores of each row of scores [R, n], in ascending column order,
 // [R, k] int64: torch.topk(scores, k).indices.sort() for rows without ties; among equal
 // scores the lower column wins, and NaN counts as the largest score, as in torch.topk.
@@ -274,23 +281,34 @@ at::Tensor top_k_columns(const at::Tensor& scores, int64_t k) {
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "d2r_top_k_columns", [&] {
     const scalar_t* v = values.data_ptr<scalar_t>();
     int64_t* out = columns.data_ptr<int64_t>();
-    const auto above = [](scalar_t a, scalar_t b) { return a > b || (std::isnan(a) && !std::isnan(b)); };
     at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> best(k);
+      std::vector<uint64_t> keys(n);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = v + r * n;
-        int64_t kept = 0;  // best[0..kept) by score, highest first; ties keep the earlier column
-        for (int64_t c = 0; c < n; ++c) {
-          if (kept == k && !above(row[c], row[best[k - 1]])) continue;
-          int64_t at = kept < k ? kept++ : k - 1;
-          while (at > 0 && above(row[c], row[best[at - 1]])) {
-            best[at] = best[at - 1];
-            --at;
+        int64_t* picked = out + r * k;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          // one integer key per column, ordered as (score, -column): k branch-free maximum searches
+          for (int64_t c = 0; c < n; ++c) keys[c] = (uint64_t(order_key(row[c])) << 32) | uint64_t(n - 1 - c);
+          for (int64_t t = 0; t < k; ++t) {
+            uint64_t best = 0;
+            for (int64_t c = 0; c < n; ++c) best = std::max(best, keys[c]);
+            picked[t] = n - 1 - int64_t(best & 0xffffffffu);
+            keys[picked[t]] = 0;
           }
-          best[at] = c;
+        } else {
+          // a ranks above b: larger, or NaN against a number
+          const auto above = [](scalar_t a, scalar_t b) { return a > b || (a != a && b == b); };
+          for (int64_t c = 0; c < n; ++c) keys[c] = 0;  // 1 once taken
+          for (int64_t t = 0; t < k; ++t) {
+            int64_t pick = -1;
+            for (int64_t c = 0; c < n; ++c) {
+              if (!keys[c] && (pick < 0 || above(row[c], row[pick]))) pick = c;
+            }
+            keys[pick] = 1;
+            picked[t] = pick;
+          }
         }
-        std::copy(best.begin(), best.end(), out + r * k);
-        std::sort(out + r * k, out + (r + 1) * k);
+        std::sort(picked, picked + k);
       }
     });
   });
