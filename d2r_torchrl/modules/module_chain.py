@@ -179,7 +179,9 @@ class ModuleChain(torch.autograd.Function):
     and the ReLU masks, recomputes each module's input ``x``, walks the chain in reverse and
     sends gradients back with one ``index_add_`` per gate. The members' linear maps are
     batched matrix products, so twin critics run as one chain; under :func:`torch.vmap` the
-    vmapped dimension is folded into the ensemble (see :meth:`vmap`).
+    vmapped dimension is folded into the ensemble (see :meth:`vmap`). On the CPU, with
+    ``kernels.native``, both passes run in the C++ extension instead, blocked over samples
+    (same inputs, outputs and gradients; ``tests/test_native_chain.py``).
 
     Inputs (``S = E * B`` samples, ``k`` slots per gate):
 
