@@ -168,3 +168,12 @@ def test_an_extension_that_cannot_be_built_warns_and_leaves_the_per_gate_path(mo
         strict=True,
     ):
         torch.testing.assert_close(got, want)
+
+
+def test_native_pass_rejects_a_gate_reading_a_later_module() -> None:
+    """A source past the gate's candidates would read a module not computed yet: an error
+    naming the gate and the module, not a silent read of uninitialised memory."""
+    inputs = chain_inputs(1, 10, 8, 4, 2, torch.float32, False)
+    inputs["index"][1, 0, 7, 1] = 3  # gate 1 may read modules 0 and 1
+    with pytest.raises(RuntimeError, match="gate 1 reads module 3; a gate can only read modules 0..1"):
+        run_chain(inputs["first"], inputs["index"], inputs["weight"], None, inputs["params"], NATIVE)

@@ -64,6 +64,14 @@ struct Shape {
   int64_t slot(int64_t g, int64_t e, int64_t b) const { return ((g * members + e) * batch + b) * slots; }
 };
 
+// Gate g's source in slot `at`: a module already computed, 0..g.
+inline int64_t source_of(const int64_t* index, int64_t at, int64_t g) {
+  const int64_t j = index[at];
+  TORCH_CHECK(j >= 0 && j <= g, "native D2R chain: gate ", g, " reads module ", j,
+              "; a gate can only read modules 0..", g, " (index [N, E, B, k] out of range)");
+  return j;
+}
+
 // out[i] = sum_r weight[g, e, b0 + i, r] * table[index[g, e, b0 + i, r], e, b0 + i] for i < count
 template <typename scalar_t>
 void read_sources(const Shape& s, const scalar_t* table, const int64_t* index, const scalar_t* weight,
@@ -72,11 +80,11 @@ void read_sources(const Shape& s, const scalar_t* table, const int64_t* index, c
   for (int64_t i = 0; i < count; ++i) {
     const int64_t at = s.slot(g, e, b0 + i);
     scalar_t* x = out + i * d;
-    const scalar_t* source = table + s.row(index[at], e, b0 + i) * d;
+    const scalar_t* source = table + s.row(source_of(index, at, g), e, b0 + i) * d;
     const scalar_t w0 = weight[at];
     for (int64_t c = 0; c < d; ++c) x[c] = w0 * source[c];
     for (int64_t r = 1; r < s.slots; ++r) {
-      source = table + s.row(index[at + r], e, b0 + i) * d;
+      source = table + s.row(source_of(index, at + r, g), e, b0 + i) * d;
       const scalar_t w = weight[at + r];
       for (int64_t c = 0; c < d; ++c) x[c] += w * source[c];
     }
