@@ -207,9 +207,12 @@ def select_sources(
         return _topk_index(logits, layout.top_k, native)
     if temperature is None:
         raise ValueError(f"routing mode {mode.value!r} needs a per-sample temperature.")
-    uniform = torch.rand_like(logits).clamp(min=torch.finfo(logits.dtype).tiny, max=1.0)
-    gumbel = -torch.log(-torch.log(uniform))
-    sampled = _topk_index(logits / temperature[..., None, None] + gumbel, layout.top_k, native)
+    # Gumbel noise -log(-log u) for the N(N+1)/2 candidates only (drawing u is the costly
+    # part), in place on one buffer, then padded with zeros (the logits there are -inf)
+    uniform = torch.rand_like(logits.flatten(-2)[..., : layout.num_logits])
+    gumbel = uniform.clamp_(min=torch.finfo(logits.dtype).tiny, max=1.0).log_().neg_().log_().neg_()
+    scores = layout.pad(gumbel, fill=0.0).add_(logits / temperature[..., None, None])
+    sampled = _topk_index(scores, layout.top_k, native)
     if mode is RoutingMode.SAMPLE:
         return sampled
     if behaviour is None:
