@@ -126,16 +126,21 @@ def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTa
 
 
 def make_optimizers(config: RunConfig, loss: MultiTaskSACLoss) -> dict[str, torch.optim.Optimizer]:
-    """One Adam per network (actor, critics, temperatures), as the reference."""
+    """One Adam per network (actor, critics, temperatures), as the reference.
+
+    PyTorch's fused Adam (one kernel per parameter tensor, the same update): on the CPU the
+    default implementation loops over the tensors in Python, which costs a D2R network,
+    with its ~46 tensors, about 4x the fused step (benchmarks/RESULTS.md)."""
 
     def trainable(params) -> list[torch.Tensor]:
         return [p for p in params.values(True, True) if p.requires_grad]
 
-    capturable = config.compile.cudagraphs  # optimiser state on the device, no host reads
+    # capturable: optimiser state on the device, no host reads (CUDA graphs)
+    options = dict(capturable=config.compile.cudagraphs, fused=True)
     return {
-        "actor": torch.optim.Adam(trainable(loss.actor_network_params), lr=config.loss.actor_lr, capturable=capturable),
-        "critic": torch.optim.Adam(trainable(loss.qvalue_network_params), lr=config.loss.critic_lr, capturable=capturable),
-        "alpha": torch.optim.Adam([loss.log_alpha], lr=config.loss.alpha_lr, capturable=capturable),
+        "actor": torch.optim.Adam(trainable(loss.actor_network_params), lr=config.loss.actor_lr, **options),
+        "critic": torch.optim.Adam(trainable(loss.qvalue_network_params), lr=config.loss.critic_lr, **options),
+        "alpha": torch.optim.Adam([loss.log_alpha], lr=config.loss.alpha_lr, **options),
     }
 
 
