@@ -11,6 +11,8 @@ import torch
 # inductor's InductorError is a BackendCompilerFailed
 from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit
 
+from d2r_torchrl.modules.native_chain import load_native_chain, runs_natively
+
 
 def flat_rows(index: torch.Tensor) -> torch.Tensor:
     """``[N, E, B, k]`` sources -> rows ``[N, E * B, k]`` of the flattened ``[N * E * B, d]``
@@ -133,10 +135,8 @@ class ChainKernels:
         self.native = native
 
     def native_for(self, tensor: torch.Tensor) -> ModuleType | None:
-        """The native extension if it can run on ``tensor`` here (CPU, not being traced)."""
-        if self.native is None or tensor.device.type != "cpu" or torch.compiler.is_compiling():
-            return None
-        return self.native
+        """The native extension if it can run on ``tensor`` here (see :func:`runs_natively`)."""
+        return self.native if self.native is not None and runs_natively(tensor) else None
 
 
 EAGER_KERNELS = ChainKernels(compiled=False)
@@ -149,8 +149,6 @@ def chain_kernels(compiled: bool, native: bool = False) -> ChainKernels:
     cannot be built leaves the per-gate path after a warning)."""
     key = (compiled, native)
     if key not in _shared_kernels:
-        from d2r_torchrl.modules.native_chain import load_native_chain
-
         _shared_kernels[key] = ChainKernels(compiled=compiled, native=load_native_chain() if native else None)
     return _shared_kernels[key]
 

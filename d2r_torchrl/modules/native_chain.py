@@ -50,3 +50,9 @@ def load_native_chain() -> ModuleType | None:
             "(`pip install ninja`); set compile.native_chain=false to silence this."
         )
     return _extension
+
+
+def runs_natively(tensor: torch.Tensor) -> bool:
+    """Whether the extension may run on ``tensor`` here: a CPU tensor outside
+    ``torch.compile`` (the extension is opaque to the compiler)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()

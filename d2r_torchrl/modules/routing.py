@@ -29,6 +29,8 @@ import torch
 
 from torchrl.envs.utils import ExplorationType, exploration_type
 
+from d2r_torchrl.modules.native_chain import load_native_chain, runs_natively
+
 __all__ = [
     "GateLayout",
     "RoutingMode",
@@ -150,12 +152,9 @@ def _topk_index(scores: torch.Tensor, k: int, native: bool = False) -> torch.Ten
     loop per row; ``torch.topk`` over 16 columns is the largest routing cost on the CPU),
     which ``tests/test_routing_slots.py`` checks against this function's torch form.
     """
-    if native and scores.device.type == "cpu" and not torch.compiler.is_compiling():
-        from d2r_torchrl.modules.native_chain import load_native_chain
-
-        extension = load_native_chain()
-        if extension is not None:
-            return _NativeTopK.apply(scores, k, extension)
+    extension = load_native_chain() if native and runs_natively(scores) else None
+    if extension is not None:
+        return _NativeTopK.apply(scores, k, extension)
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
