@@ -109,6 +109,14 @@ def test_any_batch_shape() -> None:
     torch.testing.assert_close(nested.reshape(10, OUT), flat)
 
 
+def module_parameters(tensors: dict[str, torch.Tensor], j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of module ``j + 1`` (0-based ``j``) in a network's named parameters, or
+    in a dict of their gradients: ``first_module`` or a slice of the stacked modules."""
+    if j == 0:
+        return tensors["first_module.weight"], tensors["first_module.bias"]
+    return tensors["module_weight"][j - 1], tensors["module_bias"][j - 1]
+
+
 def test_topk_output_depends_only_on_selected_sources() -> None:
     net = small_net(num_modules=8)
     features, task_id = batch(1, seed=3)
@@ -119,8 +127,9 @@ def test_topk_output_depends_only_on_selected_sources() -> None:
         assert unreached and reached, "this seed must leave some modules off the route"
         for j, changes in [(j, False) for j in unreached] + [(max(reached), True)]:
             perturbed = copy.deepcopy(net)
-            perturbed.blocks[j].weight.add_(torch.randn_like(perturbed.blocks[j].weight))
-            perturbed.blocks[j].bias.add_(1.0)
+            weight, bias = module_parameters(dict(perturbed.named_parameters()), j)
+            weight.add_(torch.randn_like(weight))
+            bias.add_(1.0)
             new_out, _, new_route = perturbed(features, task_id)
             assert torch.equal(new_route, route)
             assert torch.equal(new_out, out) != changes, f"module {j}, on the route: {changes}"
@@ -264,7 +273,7 @@ def reference_forward(
     embedding = one_hot @ net.task_embedding.weight.t() + net.task_embedding.bias
     logits = gates(net.router(embedding * state), n)
     chosen = gates(route, n)
-    y = [torch.relu(net.blocks[0](torch.relu(state)))]
+    y = [torch.relu(net.first_module(torch.relu(state)))]
     y_bar = [y[0].detach()]
     for i in range(1, n + 1):  # gate i - 1: feeds module i (0-based), the head when i == n
         z, selected = logits[i - 1], chosen[i - 1]
@@ -280,7 +289,7 @@ def reference_forward(
             )
         if i == n:
             return net.head(x_tilde)
-        activation = torch.relu(net.blocks[i](x_tilde))
+        activation = torch.relu(F.linear(x_tilde, *module_parameters(dict(net.named_parameters()), i)))
         y.append(activation + x)
         y_bar.append(activation.detach() + x)
     raise AssertionError("unreachable")
@@ -356,13 +365,14 @@ def test_res_routing_cuts_non_endorsed_module_weights() -> None:
         plain = copy.deepcopy(net)
         plain.res_routing = False
         plain_grads = _gradients(plain, plain(features, task_id, route)[0], direction)
-    # module 3 (blocks.2) is read only by the head, which does not endorse it. (The router's
+    # module 3 (0-based 2) is read only by the head, which does not endorse it. (The router's
     # last layer has zero weights here, so its earlier layers and the task embedding get no
     # gradient either; its last layer and the modules before module 3 do.)
-    assert grads["blocks.2.weight"].abs().max() == 0 and grads["blocks.2.bias"].abs().max() == 0
-    assert plain_grads["blocks.2.weight"].abs().max() > 0
-    for name in ("blocks.0.weight", "blocks.1.weight", "blocks.3.weight", "router.1.weight",
-                 "router.1.bias", "state_encoder.0.weight"):
+    assert all(g.abs().max() == 0 for g in module_parameters(grads, 2))
+    assert module_parameters(plain_grads, 2)[0].abs().max() > 0
+    for j in (0, 1, 3):
+        assert module_parameters(grads, j)[0].abs().max() > 0, f"module {j + 1}"
+    for name in ("router.1.weight", "router.1.bias", "state_encoder.0.weight"):
         assert grads[name].abs().max() > 0, name
 
 
@@ -654,3 +664,21 @@ def test_reference_import_rejects_bad_state_dicts(edit, key: str) -> None:
     edit(state_dict)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_reference_state_dict(state_dict, top_k=3)
+
+
+def test_state_dict_with_one_entry_per_module_loads() -> None:
+    """Checkpoints of the per-module layout (``blocks.{i}.weight``/``bias``) load into the
+    stacked parameters, module by module, and give the same outputs."""
+    net = small_net(num_modules=5)
+    per_module = {k: v for k, v in net.state_dict().items() if not k.startswith(("first_module", "module_"))}
+    for name in ("weight", "bias"):
+        per_module[f"blocks.0.{name}"] = net.state_dict()[f"first_module.{name}"]
+        for i, tensor in enumerate(net.state_dict()[f"module_{name}"].unbind(0)):
+            per_module[f"blocks.{i + 1}.{name}"] = tensor
+    loaded = small_net(seed=1, num_modules=5)  # other weights until loaded
+    loaded.load_state_dict(per_module)
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    features, task_id = batch(6, seed=4)
+    with set_routing_mode("topk"), torch.no_grad():
+        assert torch.equal(loaded(features, task_id)[0], net(features, task_id)[0])

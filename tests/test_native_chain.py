@@ -31,12 +31,9 @@ def chain_inputs(
     index = (torch.rand(modules, members, batch, slots, generator=generator) * (gate + 1)).long()
     weight = torch.softmax(torch.randn(modules, members, batch, slots, generator=generator, dtype=dtype), -1)
     endorsed = (torch.rand(modules, members, batch, slots, generator=generator) > 0.4).to(dtype) if res_routing else None
-    params = []
-    for _ in range(modules - 1):
-        params += [
-            (torch.randn(members, width, width, generator=generator, dtype=dtype) / width**0.5).requires_grad_(),
-            (0.1 * torch.randn(members, width, generator=generator, dtype=dtype)).requires_grad_(),
-        ]
+    module_weight = torch.randn(members, modules - 1, width, width, generator=generator, dtype=dtype) / width**0.5
+    module_bias = 0.1 * torch.randn(members, modules - 1, width, generator=generator, dtype=dtype)
+    params = [module_weight.requires_grad_(), module_bias.requires_grad_()]
     first = torch.randn(members, batch, width, generator=generator, dtype=dtype).requires_grad_()
     return dict(first=first, index=index, weight=weight.requires_grad_(), endorsed=endorsed, params=params)
 
@@ -44,7 +41,7 @@ def chain_inputs(
 def run_with_gradients(inputs: dict, kernels: ChainKernels, direction: torch.Tensor) -> list[torch.Tensor]:
     """The chain's output and the gradients of ``(output * direction).sum()`` w.r.t. every
     differentiable input that requires one."""
-    output = run_chain(inputs["first"], inputs["index"], inputs["weight"], inputs["endorsed"], inputs["params"], kernels)
+    output = run_chain(inputs["first"], inputs["index"], inputs["weight"], inputs["endorsed"], *inputs["params"], kernels)
     wrt = [t for t in (inputs["first"], inputs["weight"], *inputs["params"]) if t.requires_grad]
     return [output, *torch.autograd.grad((output * direction).sum(), wrt)]
 
@@ -135,7 +132,7 @@ def test_native_pass_steps_aside_under_torch_compile() -> None:
     expected = run_with_gradients(inputs, NATIVE, direction)
 
     def step(first, weight, *params):
-        out = run_chain(first, inputs["index"], weight, inputs["endorsed"], params, NATIVE)
+        out = run_chain(first, inputs["index"], weight, inputs["endorsed"], *params, NATIVE)
         return (out * direction).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -176,4 +173,4 @@ def test_native_pass_rejects_a_gate_reading_a_later_module() -> None:
     inputs = chain_inputs(1, 10, 8, 4, 2, torch.float32, False)
     inputs["index"][1, 0, 7, 1] = 3  # gate 1 may read modules 0 and 1
     with pytest.raises(RuntimeError, match="gate 1 reads module 3; a gate can only read modules 0..1"):
-        run_chain(inputs["first"], inputs["index"], inputs["weight"], None, inputs["params"], NATIVE)
+        run_chain(inputs["first"], inputs["index"], inputs["weight"], None, *inputs["params"], NATIVE)

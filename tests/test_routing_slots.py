@@ -9,6 +9,7 @@ from d2r_torchrl.modules.routing import (
     RoutingMode,
     endorsement_mask,
     route_mask,
+    route_slots,
     route_weights,
     select_sources,
     slot_endorsement,
@@ -59,32 +60,50 @@ def test_pad_and_flatten_follow_the_gate_order() -> None:
     assert routes.tolist() == [[True, False, False], [False, True, False], [True, False, True]]
 
 
+@pytest.mark.parametrize("mode", list(RoutingMode))
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_top_k_picks_the_torch_columns(k: int, dtype: torch.dtype) -> None:
-    """The native top-k against ``torch.topk`` + sort on padded logits (``-inf`` past each
-    gate's candidates), with a NaN, vmapped, and on 0/1 behaviour scores. Gates with fewer
-    than ``k`` candidates fill their padding slots with distinct invalid columns, which
-    ``torch.topk`` picks among the tied ``-inf`` in no set order: those slots must be
-    invalid, and equal once clamped to the gate's last candidate (as the chain reads them)."""
-    from d2r_torchrl.modules.routing import _topk_index
-
+def test_native_route_slots_equal_the_plain_form(mode: RoutingMode, k: int, dtype: torch.dtype) -> None:
+    """The extension's routing pass against the plain form on padded logits
+    (:func:`select_sources`, :func:`slot_weights`, :func:`slot_endorsement`,
+    :func:`route_mask`): the same sources, endorsement and route, and the same weights and
+    weight gradients; also vmapped, as the twin critics call it. The Gumbel noise is drawn
+    before either form runs, so one seed gives both the same draws. Gates 0 and 1 have fewer
+    candidates than ``k = 3`` (padding slots); in top-k mode one logit is NaN (it ranks
+    first, as in ``torch.topk``, and its gate's weights are NaN in both forms)."""
     torch.manual_seed(2)
     layout = GateLayout(num_modules=7, top_k=k)
-    logits = layout.pad(torch.randn(64, layout.num_logits, dtype=dtype))
-    logits[3, 4, 1] = float("nan")  # torch.topk ranks NaN first
+    rows = 48
+    flat = 3 * torch.randn(rows, layout.num_logits, dtype=dtype)
+    if mode is RoutingMode.TOPK:
+        flat[5, 12] = float("nan")
+    flat.requires_grad_()
+    temperature = torch.rand(rows, dtype=dtype) + 0.5
+    direction = torch.randn(rows, 7, k, dtype=dtype)
+    behaviour = None
+    if mode is RoutingMode.BEHAVIOUR:
+        behaviour = route_slots(flat, layout, RoutingMode.SAMPLE, temperature).route
+        behaviour[::3] = False  # rows without a stored route sample instead
 
-    def assert_same_sources(native: torch.Tensor, expected: torch.Tensor) -> None:
-        assert native.dtype == torch.long and native.shape == expected.shape
-        invalid = native > torch.arange(7).view(7, 1)
-        assert torch.equal(invalid, ~layout.slot_valid.expand_as(invalid))
-        assert (native.diff(dim=-1) > 0).all()  # distinct, ascending
-        clamp = layout.last_source
-        assert torch.equal(torch.minimum(native, clamp), torch.minimum(expected, clamp))
+    def run(native: bool, vmapped: bool) -> list[torch.Tensor]:
+        def routes(logits, temperature, behaviour):
+            return route_slots(logits, layout, mode, temperature, behaviour, endorse=True, native=native)
 
-    expected = _topk_index(logits, k)
-    assert_same_sources(_topk_index(logits, k, native=True), expected)
-    vmapped = torch.vmap(lambda z: _topk_index(z, k, native=True))(logits.view(4, 16, 7, 7))
-    assert_same_sources(vmapped.view(64, 7, k), expected)
-    stored = layout.pad(layout.flatten(route_mask(expected, layout)), fill=False).to(dtype)
-    assert_same_sources(_topk_index(stored, k, native=True), expected)
+        if vmapped:
+            routes = torch.vmap(routes, in_dims=(0, 0, None if behaviour is None else 0), randomness="different")
+        shape = (4, rows // 4) if vmapped else (rows,)
+        torch.manual_seed(5)
+        slots = routes(
+            flat.view(*shape, -1), temperature.view(shape), None if behaviour is None else behaviour.view(*shape, -1)
+        )
+        (grad,) = torch.autograd.grad((slots.weights.reshape(rows, 7, k) * direction).nansum(), flat)
+        return [t.reshape(rows, *t.shape[len(shape):]) for t in slots] + [grad]
+
+    for vmapped in (False, True):
+        sources, weights, endorsed, route, grad = run(native=True, vmapped=vmapped)
+        expected = run(native=False, vmapped=vmapped)
+        assert sources.dtype == torch.long and torch.equal(sources, expected[0])
+        assert (sources <= torch.arange(7).view(7, 1)).all()
+        torch.testing.assert_close(weights, expected[1], equal_nan=True)
+        assert torch.equal(endorsed, expected[2]) and torch.equal(route, expected[3])
+        torch.testing.assert_close(grad, expected[4], equal_nan=True)

@@ -6,15 +6,7 @@ from torch import nn
 
 from d2r_torchrl.modules.init import hidden_linear, init_hidden, mlp, output_linear
 from d2r_torchrl.modules.module_chain import chain_kernels, run_chain
-from d2r_torchrl.modules.routing import (
-    GateLayout,
-    RoutingMode,
-    route_mask,
-    routing_mode,
-    select_sources,
-    slot_endorsement,
-    slot_weights,
-)
+from d2r_torchrl.modules.routing import GateLayout, route_slots, routing_mode
 from d2r_torchrl.modules.task_conditioning import TaskEmbedding, check_features, flatten_task_id
 
 
@@ -36,13 +28,18 @@ class D2RNetwork(nn.Module):
             ``torch.compile`` (:class:`~d2r_torchrl.modules.module_chain.ChainKernels`);
             an attribute, so it can be switched after construction.
         native_chain: on the CPU, run the module chain as one native pass per direction
-            and pick routes with the native top-k (:mod:`~d2r_torchrl.modules.native_chain`;
+            and pick routes with the native routing pass (:mod:`~d2r_torchrl.modules.native_chain`;
             the torch path runs on CUDA, under ``torch.compile`` or if it cannot be built);
             an attribute too.
 
     ``forward(features [*B, in], task_id [*B] or [*B, 1], behaviour_route [*B, L] bool)``
     returns ``(out [*B, out], logits [*B, L], route [*B, L] bool)`` with
     ``L = N(N+1)/2``. The route follows :func:`routing_mode`.
+
+    Module 1 is the ``Linear`` ``first_module``; modules ``2..N`` are stacked in the parameters
+    ``module_weight`` ``[N - 1, d, d]`` and ``module_bias`` ``[N - 1, d]`` (one tensor each, so
+    a functional call or an optimiser step handles two tensors, not ``2(N - 1)``). State dicts
+    with one ``blocks.{i}`` entry per module, as saved before, load too.
 
     Buffer ``route_temperature`` ``[T]`` holds the per-task routing temperature
     (automatic route balancing); set it with :meth:`set_route_temperature`.
@@ -80,12 +77,13 @@ class D2RNetwork(nn.Module):
             mlp(embed_width, tuple(router_widths), final_activation=True),
             hidden_linear(router_widths[-1], self.layout.num_logits),
         )
-        self.blocks = nn.ModuleList(
-            [hidden_linear(embed_width, module_width)]
-            + [hidden_linear(module_width, module_width) for _ in range(num_modules - 1)]
-        )
+        self.first_module = hidden_linear(embed_width, module_width)
+        later = [hidden_linear(module_width, module_width) for _ in range(num_modules - 1)]
+        self.module_weight = nn.Parameter(_stack([m.weight for m in later], (module_width, module_width)))
+        self.module_bias = nn.Parameter(_stack([m.bias for m in later], (module_width,)))
         self.head = output_linear(module_width, out_features)
         self.register_buffer("route_temperature", torch.ones(num_tasks))
+        self.register_load_state_dict_pre_hook(_stack_per_module_keys)
 
     @property
     def num_modules(self) -> int:
@@ -111,20 +109,18 @@ class D2RNetwork(nn.Module):
         state = self.state_encoder(features)
         routing_input = self.task_embedding(task_id) * state
         flat_logits = self.router(routing_input)
-        logits = self.layout.pad(flat_logits)
-        index = select_sources(
-            logits,
+        res_routing = self.res_routing and self.training and torch.is_grad_enabled()
+        slots = route_slots(
+            flat_logits,
             self.layout,
             routing_mode(),
             temperature=self.route_temperature[task_id],
             behaviour=behaviour_route,
+            endorse=res_routing,
             native=self.native_chain,
         )
-        weights = slot_weights(logits, index, self.layout)
-        res_routing = self.res_routing and self.training and torch.is_grad_enabled()
-        endorsed = slot_endorsement(logits, index, self.layout) if res_routing else None
-        mixed = self._run_modules(torch.relu(state), index, weights, endorsed)
-        return self.head(mixed), flat_logits, self.layout.flatten(route_mask(index, self.layout))
+        mixed = self._run_modules(torch.relu(state), slots.sources, slots.weights, slots.endorsed)
+        return self.head(mixed), flat_logits, slots.route
 
     def _run_modules(
         self,
@@ -136,12 +132,10 @@ class D2RNetwork(nn.Module):
         """Chain the modules; returns the output-gate mixture ``[*B, width]``.
 
         ``index``, ``weights`` and ``endorsed`` are ``[*B, N, k]`` (see
-        :func:`select_sources`); padding slots are pointed at a computed module and get
-        weight 0. The chain runs in :class:`~d2r_torchrl.modules.module_chain.ModuleChain`
-        as an ensemble of one.
+        :class:`~d2r_torchrl.modules.routing.RouteSlots`). The chain runs in
+        :class:`~d2r_torchrl.modules.module_chain.ModuleChain` as an ensemble of one.
         """
-        index = torch.minimum(index, self.layout.last_source)
-        first = torch.relu(self.blocks[0](inputs))
+        first = torch.relu(self.first_module(inputs))
         batch_shape, width = first.shape[:-1], first.shape[-1]
         gate_major = (-1, self.num_modules, self.top_k)
 
@@ -154,7 +148,8 @@ class D2RNetwork(nn.Module):
             chain_layout(index),
             chain_layout(weights),
             None if endorsed is None else chain_layout(endorsed.to(weights.dtype)),
-            [p.unsqueeze(0) for block in self.blocks[1:] for p in (block.weight, block.bias)],
+            self.module_weight.unsqueeze(0),
+            self.module_bias.unsqueeze(0),
             chain_kernels(self.compile_chain, self.native_chain),
         )
         return mixed.reshape(*batch_shape, width)
@@ -164,3 +159,21 @@ def route_temperature_from_log_alpha(log_alpha: torch.Tensor) -> torch.Tensor:
     """``T * softmax(-log_alpha)``: also the loss-balancing weights of METHOD.md section 3."""
     log_alpha = log_alpha.detach()
     return log_alpha.numel() * torch.softmax(-log_alpha, dim=-1)
+
+
+def _stack(tensors: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """``[len(tensors), *shape]`` (also for no tensors: a network of one module)."""
+    return torch.stack([t.detach() for t in tensors]) if tensors else torch.empty(0, *shape)
+
+
+def _stack_per_module_keys(module: D2RNetwork, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: ``blocks.0.*`` -> ``first_module.*`` and ``blocks.{1..N-1}.*``
+    stacked into ``module_weight``/``module_bias`` (the per-module layout of earlier versions)."""
+    if f"{prefix}blocks.0.weight" not in state_dict:
+        return
+    for name in ("weight", "bias"):
+        state_dict[f"{prefix}first_module.{name}"] = state_dict.pop(f"{prefix}blocks.0.{name}")
+        later = [state_dict.pop(f"{prefix}blocks.{i}.{name}") for i in range(1, module.num_modules)
+                 if f"{prefix}blocks.{i}.{name}" in state_dict]
+        if later:
+            state_dict[f"{prefix}module_{name}"] = torch.stack(later)

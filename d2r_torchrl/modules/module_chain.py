@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from types import ModuleType
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 # inductor's InductorError is a BackendCompilerFailed
@@ -189,20 +189,21 @@ class ModuleChain(torch.autograd.Function):
       ``[N, E, B, k]`` or ``None``: 1 where ResRouting endorses the source (``None``
       without ResRouting);
     * ``kernels``: the :class:`ChainKernels` to run;
-    * then weight ``[E, d, d]`` and bias ``[E, d]`` of modules ``2..N``.
+    * ``module_weight`` ``[E, N - 1, d, d]`` and ``module_bias`` ``[E, N - 1, d]``: modules
+      ``2..N`` stacked (module ``g + 2`` of member ``e`` at ``[e, g]``).
 
     Returns the output mixture ``[E, B, d]`` and, for the backward only, the module outputs
     ``y`` ``[N * S, d]`` and ReLU masks ``W_g x_g + b_g > 0`` ``[N - 1, E, B, d]`` bool.
     """
 
     @staticmethod
-    def forward(first, index, weight, endorsed, kernels, *params):  # type: ignore[override]
+    def forward(first, index, weight, endorsed, kernels, module_weight, module_bias):  # type: ignore[override]
         members, batch, width = first.shape
         num_modules = index.shape[0]
         native = kernels.native_for(first)
         if native is not None:
             mixed, table, active = native.forward(
-                first, index.contiguous(), weight.contiguous(), params[0::2], params[1::2], NATIVE_BLOCK
+                first, index.contiguous(), weight.contiguous(), module_weight, module_bias, NATIVE_BLOCK
             )
             return mixed, table.view(-1, width), active
         rows, slot_weight = flat_rows(index), weight.flatten(1, 2)
@@ -213,7 +214,7 @@ class ModuleChain(torch.autograd.Function):
         for g in range(num_modules - 1):
             x = read_sources(table, rows[g], slot_weight[g]).view(members, batch, width)
             y = outputs[g + 1]
-            torch.baddbmm(params[2 * g + 1].unsqueeze(1), x, params[2 * g].transpose(1, 2), out=y)
+            torch.baddbmm(module_bias[:, g].unsqueeze(1), x, module_weight[:, g].transpose(1, 2), out=y)
             torch.gt(y, 0, out=active[g])
             y.relu_().add_(x)
         mixed = read_sources(table, rows[-1], slot_weight[-1]).view(members, batch, width)
@@ -221,31 +222,31 @@ class ModuleChain(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, index, weight, endorsed, kernels, *params = inputs
+        _, index, weight, endorsed, kernels, module_weight, _ = inputs
         _, table, active = output
         ctx.kernels = kernels
         ctx.mark_non_differentiable(table, active)
         ctx.set_materialize_grads(False)
         ctx.res_routing = endorsed is not None
         saved_endorsed = endorsed if endorsed is not None else torch.empty(0, dtype=weight.dtype, device=weight.device)
-        ctx.save_for_backward(index, weight, saved_endorsed, table, active, *params)
+        ctx.save_for_backward(index, weight, saved_endorsed, table, active, module_weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mixed, *_):  # type: ignore[override]
-        index, weight, endorsed, table, active, *params = ctx.saved_tensors
+        index, weight, endorsed, table, active, module_weight = ctx.saved_tensors
         num_modules, members, batch, slots = index.shape
         samples, width = members * batch, table.shape[-1]
         kernels = ctx.kernels
         native = kernels.native_for(table)
         if native is not None:
-            grad_first, grad_weight, *grad_params = native.backward(
+            grad_first, grad_weight, grad_module_weight, grad_module_bias = native.backward(
                 grad_mixed, index.contiguous(), weight.contiguous(),
                 endorsed.contiguous() if ctx.res_routing else None,
-                table.view(num_modules, members, batch, width), active, params[0::2],
-                ctx.needs_input_grad[5], NATIVE_BLOCK,
+                table.view(num_modules, members, batch, width), active, module_weight,
+                any(ctx.needs_input_grad[5:7]), NATIVE_BLOCK,
             )
-            return grad_first, None, grad_weight, None, None, *grad_params
+            return grad_first, None, grad_weight, None, None, grad_module_weight, grad_module_bias
         rows, slot_weight = flat_rows(index), weight.flatten(1, 2)  # [N, S, k]
         # d loss / d x_j (the shortcut part of y_j) and d loss / d a_j (the module's own
         # part), rows as in ``table``; without ResRouting the shortcut buffer holds both
@@ -257,16 +258,17 @@ class ModuleChain(torch.autograd.Function):
                 table, rows[-1], slot_weight[-1], endorsed_weight[-1], None, grad_mixed.reshape(-1, width), grad_shortcut, grad_own
             )
         ]
-        grad_params: list[torch.Tensor | None] = []
+        grad_matrices, grad_biases = [], []  # per module, last first
         module_rows = torch.arange(samples, device=table.device)
-        need_params = ctx.needs_input_grad[5]  # False when the parameters are detached
+        need_params = any(ctx.needs_input_grad[5:7])  # False when the parameters are detached
         for g in reversed(range(num_modules - 1)):
             grad_w, grad_bias, grad_matrix = kernels.backward_gate(
-                table, rows[g], slot_weight[g], endorsed_weight[g], active[g], params[2 * g],
+                table, rows[g], slot_weight[g], endorsed_weight[g], active[g], module_weight[:, g],
                 module_rows + (g + 1) * samples, grad_shortcut, grad_own, need_params,
             )
             grad_weight.append(grad_w)
-            grad_params += [grad_bias, grad_matrix]
+            grad_matrices.append(grad_matrix)
+            grad_biases.append(grad_bias)
         grad_first = (grad_shortcut if grad_own is None else grad_own)[:samples]
         return (
             grad_first.view(members, batch, width),
@@ -274,11 +276,12 @@ class ModuleChain(torch.autograd.Function):
             torch.stack(grad_weight[::-1]).view(num_modules, members, batch, slots),
             None,
             None,
-            *grad_params[::-1],
+            _stack_modules(grad_matrices[::-1], module_weight) if need_params else None,
+            _stack_modules(grad_biases[::-1], module_weight[..., 0]) if need_params else None,
         )
 
     @staticmethod
-    def vmap(info, in_dims, first, index, weight, endorsed, kernels, *params):
+    def vmap(info, in_dims, first, index, weight, endorsed, kernels, module_weight, module_bias):
         """Fold the vmapped dimension ``V`` into the ensemble: ``E -> V * E``."""
         size = info.batch_size
 
@@ -298,7 +301,8 @@ class ModuleChain(torch.autograd.Function):
             fold(weight, in_dims[2], 1),
             fold(endorsed, in_dims[3], 1),
             kernels,
-            *[fold(p, d, 0) for p, d in zip(params, in_dims[5:])],
+            fold(module_weight, in_dims[5], 0),
+            fold(module_bias, in_dims[6], 0),
         )
         # the buffers' sample dimensions are (V * E * B) or (V * E): split V back out of them
         table = table.view(folded_index.shape[0], size, -1, table.shape[-1])
@@ -310,8 +314,14 @@ def run_chain(
     index: torch.Tensor,
     weight: torch.Tensor,
     endorsed: torch.Tensor | None,
-    params: Sequence[torch.Tensor],
+    module_weight: torch.Tensor,
+    module_bias: torch.Tensor,
     kernels: ChainKernels = EAGER_KERNELS,
 ) -> torch.Tensor:
     """:class:`ModuleChain`'s output mixture ``[E, B, d]`` (shapes as documented there)."""
-    return ModuleChain.apply(first, index, weight, endorsed, kernels, *params)[0]
+    return ModuleChain.apply(first, index, weight, endorsed, kernels, module_weight, module_bias)[0]
+
+
+def _stack_modules(per_module: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per-module gradients ``[E, ...]`` -> ``[E, N - 1, ...]`` (shaped as ``like`` when ``N = 1``)."""
+    return torch.stack(per_module, dim=1) if per_module else torch.zeros_like(like)

@@ -1,4 +1,5 @@
-"""Build and load the native CPU pass of the D2R module chain (``csrc/module_chain.cpp``).
+"""Build and load the native CPU operators of D2R: the module chain (``csrc/module_chain.cpp``)
+and the routing (``csrc/routing.cpp``).
 
 The extension is compiled with the system C++ compiler on first use (cached by PyTorch in
 ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default) for the vector
@@ -14,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-SOURCE = pathlib.Path(__file__).with_name("csrc") / "module_chain.cpp"
+SOURCES = [pathlib.Path(__file__).with_name("csrc") / name for name in ("module_chain.cpp", "routing.cpp", "extension.cpp")]
 _VECTOR_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -24,8 +25,8 @@ _unavailable: str | None = None
 
 
 def load_native_chain() -> ModuleType | None:
-    """The compiled extension (functions ``forward`` and ``backward``), or ``None`` after a
-    warning if it cannot be built here."""
+    """The compiled extension (the chain's ``forward`` and ``backward``, and ``route_slots``),
+    or ``None`` after a warning if it cannot be built here."""
     global _extension, _unavailable
     if _extension is not None or _unavailable is not None:
         return _extension
@@ -37,7 +38,8 @@ def load_native_chain() -> ModuleType | None:
     try:
         _extension = cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
+            extra_include_paths=[str(SOURCES[0].parent)],
             extra_cflags=["-O3", "-fopenmp", *_VECTOR_FLAGS.get(capability, [])],
             extra_ldflags=["-fopenmp"],
             verbose=False,

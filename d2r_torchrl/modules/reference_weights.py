@@ -5,13 +5,13 @@ Reference key names (``L`` encoder layers, ``R`` router hidden layers, ``N`` mod
     base.fc{0..L-1}.{weight,bias}           state encoder      -> state_encoder.{0,2,..}
     em_base.fc0.{weight,bias}               task embedding     -> task_embedding
     depth_route_net.gates.{0..R}.{w,b}      router (R hidden)  -> router.0.{0,2,..}, router.1
-    depth_route_net.module_fcs.{0..N-1}.*   modules            -> blocks.{0..N-1}
+    depth_route_net.module_fcs.{0..N-1}.*   modules            -> first_module, module_{weight,bias}[0..N-2]
     last.{weight,bias}                      output layer       -> head
     gumbel_temperature                      [T] temperatures   -> route_temperature (buffer)
 
 The reference splits the router output in consecutive gates of sizes 1..N with
 position ``j`` = source module ``j``, which is our :class:`GateLayout` order, so
-every tensor is copied as is.
+every tensor is copied as is (modules ``2..N`` stacked in order).
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def load_reference_state_dict(
     for old, new in prefixes.items():
         renames.update({f"{old}.weight": f"{new}.weight", f"{old}.bias": f"{new}.bias"})
 
-    expected = network.state_dict()
+    expected = _per_module_shapes(network)
     unexpected = sorted(set(state_dict) - set(renames))
     if unexpected:
         raise ValueError(
@@ -119,11 +119,22 @@ def load_reference_state_dict(
         if old not in state_dict:
             raise ValueError(f"Reference state dict is missing key {old!r}.")
         tensor = state_dict[old]
-        if tuple(tensor.shape) != tuple(expected[new].shape):
+        if tuple(tensor.shape) != tuple(expected[new]):
             raise ValueError(
                 f"Reference key {old!r} has shape {tuple(tensor.shape)}; the other shapes "
-                f"imply {tuple(expected[new].shape)}."
+                f"imply {tuple(expected[new])}."
             )
         converted[new] = tensor.detach()
     network.load_state_dict(converted)
     return network
+
+
+def _per_module_shapes(network: D2RNetwork) -> dict[str, torch.Size]:
+    """The network's state-dict shapes with its modules listed one by one as ``blocks.{i}``
+    (the layout its load pre-hook stacks)."""
+    shapes = {key: value.shape for key, value in network.state_dict().items()}
+    for name in ("weight", "bias"):
+        shapes[f"blocks.0.{name}"] = shapes.pop(f"first_module.{name}")
+        stacked = shapes.pop(f"module_{name}")
+        shapes.update({f"blocks.{i}.{name}": stacked[1:] for i in range(1, network.num_modules)})
+    return shapes

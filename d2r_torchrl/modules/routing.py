@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import threading
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -38,6 +38,9 @@ __all__ = [
     "set_routing_mode",
     "select_routes",
     "select_sources",
+    "route_slots",
+    "RouteSlots",
+    "gumbel_noise",
     "route_mask",
     "slot_weights",
     "slot_endorsement",
@@ -142,40 +145,20 @@ class GateLayout(torch.nn.Module):
         return padded.flatten(-2)[..., self.flat_index]
 
 
-def _topk_index(scores: torch.Tensor, k: int, native: bool = False) -> torch.Tensor:
+def _topk_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Columns of the ``k`` largest scores per row in ascending order, ``[..., N, k]``.
 
     A row ``g`` with fewer than ``k`` valid (finite) candidates gets all of them, then
     columns ``> g`` (invalid). The order makes a replayed route sum its sources in the
-    same order as the pass that chose it (bit-identical outputs). With ``native``, CPU
-    tensors outside ``torch.compile`` go through the extension's ``top_k_columns`` (one
-    loop per row; ``torch.topk`` over 16 columns is the largest routing cost on the CPU),
-    which ``tests/test_routing_slots.py`` checks against this function's torch form.
+    same order as the pass that chose it (bit-identical outputs).
     """
-    extension = load_native_chain() if native and runs_natively(scores) else None
-    if extension is not None:
-        return _NativeTopK.apply(scores, k, extension)
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
-class _NativeTopK(torch.autograd.Function):
-    """``top_k_columns`` of the native extension over the last dimension (no gradient), with
-    a vmap rule that moves the vmapped dimension to the front (rows are independent)."""
-
-    @staticmethod
-    def forward(scores: torch.Tensor, k: int, extension) -> torch.Tensor:  # type: ignore[override]
-        columns = extension.top_k_columns(scores.reshape(-1, scores.shape[-1]), k)
-        return columns.view(*scores.shape[:-1], k)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.mark_non_differentiable(output)
-
-    @staticmethod
-    def vmap(info, in_dims, scores, k, extension):
-        if in_dims[0] is None:
-            return _NativeTopK.apply(scores, k, extension), None
-        return _NativeTopK.apply(scores.movedim(in_dims[0], 0), k, extension), 0
+def gumbel_noise(like: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log u)`` shaped like ``like`` (one uniform draw per entry)."""
+    uniform = torch.rand_like(like).clamp_min(torch.finfo(like.dtype).tiny)
+    return uniform.log().neg().log().neg()
 
 
 def select_sources(
@@ -184,7 +167,7 @@ def select_sources(
     mode: RoutingMode,
     temperature: torch.Tensor | None = None,
     behaviour: torch.Tensor | None = None,
-    native: bool = False,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The sources of every gate as column indices, ``[..., N, k]`` long.
 
@@ -198,28 +181,122 @@ def select_sources(
         mode: routing mode.
         temperature: ``[...]`` per-sample routing temperature (``SAMPLE``/``BEHAVIOUR``).
         behaviour: ``[..., N(N+1)/2]`` bool stored route (``BEHAVIOUR``).
-        native: pick the top-k with the native CPU extension where it runs (see
-            :func:`_topk_index`); the same sources.
+        noise: ``[..., N(N+1)/2]`` Gumbel noise for ``SAMPLE``/``BEHAVIOUR`` (drawn with
+            :func:`gumbel_noise` when ``None``).
     """
     logits = logits.detach()
     if mode is RoutingMode.TOPK:
-        return _topk_index(logits, layout.top_k, native)
-    if temperature is None:
-        raise ValueError(f"routing mode {mode.value!r} needs a per-sample temperature.")
-    # Gumbel noise -log(-log u) for the N(N+1)/2 candidates only (drawing u is the costly
-    # part), in place on one buffer, then padded with zeros (the logits there are -inf)
-    uniform = torch.rand_like(logits.flatten(-2)[..., : layout.num_logits])
-    gumbel = uniform.clamp_(min=torch.finfo(logits.dtype).tiny, max=1.0).log_().neg_().log_().neg_()
-    scores = layout.pad(gumbel, fill=0.0).add_(logits / temperature[..., None, None])
-    sampled = _topk_index(scores, layout.top_k, native)
+        return _topk_index(logits, layout.top_k)
+    _check_sampling_inputs(mode, temperature, behaviour)
+    if noise is None:  # drawn for the N(N+1)/2 candidates only, then padded with zeros (logits -inf there)
+        noise = gumbel_noise(logits.flatten(-2)[..., : layout.num_logits])
+    scores = layout.pad(noise, fill=0.0) + logits / temperature[..., None, None]
+    sampled = _topk_index(scores, layout.top_k)
     if mode is RoutingMode.SAMPLE:
         return sampled
-    if behaviour is None:
-        raise ValueError("routing mode 'behaviour' needs the stored behaviour route.")
     behaviour = behaviour.bool()
-    stored = _topk_index(layout.pad(behaviour, fill=False).to(logits.dtype), layout.top_k, native)
+    stored = _topk_index(layout.pad(behaviour, fill=False).to(logits.dtype), layout.top_k)
     has_route = behaviour.any(-1)[..., None, None]
     return torch.where(has_route, stored, sampled)
+
+
+def _check_sampling_inputs(mode: RoutingMode, temperature: torch.Tensor | None, behaviour: torch.Tensor | None) -> None:
+    if temperature is None:
+        raise ValueError(f"routing mode {mode.value!r} needs a per-sample temperature.")
+    if mode is RoutingMode.BEHAVIOUR and behaviour is None:
+        raise ValueError("routing mode 'behaviour' needs the stored behaviour route.")
+
+
+class RouteSlots(NamedTuple):
+    """A D2R network's routes for one pass, in the chain's slot form (``L = N(N+1)/2``).
+
+    * ``sources`` ``[..., N, k]`` long: the module each slot of each gate reads (ascending;
+      a gate with fewer than ``k`` candidates repeats its last one in its padding slots);
+    * ``weights`` ``[..., N, k]``: mixing weights, differentiable w.r.t. the logits (0 on
+      padding slots);
+    * ``endorsed`` ``[..., N, k]`` bool (ResRouting) or ``None``;
+    * ``route`` ``[..., L]`` bool: the k-hot route in the router's flat order.
+    """
+
+    sources: torch.Tensor
+    weights: torch.Tensor
+    endorsed: torch.Tensor | None
+    route: torch.Tensor
+
+
+def route_slots(
+    flat_logits: torch.Tensor,
+    layout: GateLayout,
+    mode: RoutingMode,
+    temperature: torch.Tensor | None = None,
+    behaviour: torch.Tensor | None = None,
+    endorse: bool = False,
+    native: bool = False,
+) -> RouteSlots:
+    """Every gate's route from the router's flat logits ``[..., L]`` (arguments as in
+    :func:`select_sources`; ``endorse`` adds ResRouting's endorsement).
+
+    Plain form: pad the logits to ``[..., N, N]``, then :func:`select_sources`,
+    :func:`slot_weights`, :func:`slot_endorsement` and :func:`route_mask`. With ``native``,
+    on CPU tensors outside ``torch.compile``, the extension's ``route_slots`` picks the
+    sources, endorsement and route in one pass per sample without padding, and the weights
+    are gathered from the flat logits; the Gumbel noise is drawn here either way, so both
+    forms give the same routes (``test_native_route_slots_equal_the_plain_form``).
+    """
+    if mode is not RoutingMode.TOPK:
+        _check_sampling_inputs(mode, temperature, behaviour)
+    noise = None if mode is RoutingMode.TOPK else gumbel_noise(flat_logits.detach())
+    behaviour = behaviour.bool() if mode is RoutingMode.BEHAVIOUR else None
+    extension = load_native_chain() if native and runs_natively(flat_logits) else None
+    if extension is not None:
+        sources, positions, endorsed, route = _NativeRouteSlots.apply(
+            flat_logits.detach(), temperature if noise is not None else None, noise, behaviour, layout, endorse, extension
+        )
+        selected = flat_logits.gather(-1, positions.flatten(-2)).unflatten(-1, (layout.num_modules, layout.top_k))
+        return RouteSlots(sources, _softmax_over_slots(selected, layout), endorsed if endorse else None, route)
+    logits = layout.pad(flat_logits)
+    index = select_sources(logits, layout, mode, temperature, behaviour, noise)
+    return RouteSlots(
+        torch.minimum(index, layout.last_source),
+        slot_weights(logits, index, layout),
+        slot_endorsement(logits, index, layout) if endorse else None,
+        layout.flatten(route_mask(index, layout)),
+    )
+
+
+class _NativeRouteSlots(torch.autograd.Function):
+    """The extension's ``route_slots`` over any leading shape (no gradient: its outputs are
+    indices and masks), with a vmap rule that folds the vmapped dimension into the rows."""
+
+    @staticmethod
+    def forward(logits, temperature, noise, behaviour, layout, endorse, extension):  # type: ignore[override]
+        rows = logits.shape[:-1]
+
+        def flat(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.reshape(rows.numel(), *tensor.shape[len(rows):]).contiguous()
+
+        outputs = extension.route_slots(
+            flat(logits), flat(temperature), flat(noise), flat(behaviour), layout.num_modules, layout.top_k, endorse
+        )
+        sources, positions, endorsed, route = (t.view(*rows, *t.shape[1:]) if t is not None else t for t in outputs)
+        return sources, positions, endorsed, route
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(*(t for t in output if t is not None))
+
+    @staticmethod
+    def vmap(info, in_dims, logits, temperature, noise, behaviour, layout, endorse, extension):
+        def batched(tensor: torch.Tensor | None, dim: int | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            if dim is None:
+                return tensor.unsqueeze(0).expand(info.batch_size, *tensor.shape)
+            return tensor.movedim(dim, 0)
+
+        tensors = [batched(t, d) for t, d in zip((logits, temperature, noise, behaviour), in_dims[:4])]
+        outputs = _NativeRouteSlots.apply(*tensors, layout, endorse, extension)
+        return outputs, tuple(None if t is None else 0 for t in outputs)
 
 
 def route_mask(index: torch.Tensor, layout: GateLayout) -> torch.Tensor:
@@ -247,7 +324,12 @@ def slot_weights(logits: torch.Tensor, index: torch.Tensor, layout: GateLayout) 
 
     The softmax runs over a leading slot dimension (``movedim``): over a last dimension of
     only ``k`` entries PyTorch's CPU kernel is about 8x slower, forward and backward."""
-    selected = logits.gather(-1, index).masked_fill(~layout.slot_valid, float("-inf"))
+    return _softmax_over_slots(logits.gather(-1, index), layout)
+
+
+def _softmax_over_slots(selected: torch.Tensor, layout: GateLayout) -> torch.Tensor:
+    """Softmax over each gate's ``k`` selected logits ``[..., N, k]``, padding slots excluded."""
+    selected = selected.masked_fill(~layout.slot_valid, float("-inf"))
     return torch.softmax(selected.movedim(-1, 0), dim=0).movedim(0, -1)
 
 

@@ -12,9 +12,9 @@
 //
 // Layouts (S = E * B samples, k slots per gate, all contiguous):
 //   first [E, B, d]; index [N, E, B, k] int64; weight, endorsed [N, E, B, k];
-//   matrices[g] [E, d, d], biases[g] [E, d] for modules g + 2 = 2..N;
+//   matrices [E, N - 1, d, d], biases [E, N - 1, d]: modules g + 2 = 2..N of member e at [e, g];
 //   table [N, E, B, d] (module outputs), active [N - 1, E, B, d] bool (ReLU masks).
-#include <torch/extension.h>
+#include "native.h"
 
 #include <ATen/Parallel.h>
 
@@ -33,6 +33,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldc);
 }
 
+namespace d2r {
 namespace {
 
 // Row-major c[m, n] = op(a) op(b) + beta c, where op(a) is [m, k] (a stored [k, m] if trans_a)
@@ -51,18 +52,14 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const sca
   }
 }
 
-std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& tensors) {
-  std::vector<at::Tensor> result;
-  for (const auto& t : tensors) result.push_back(t.contiguous());
-  return result;
-}
-
 struct Shape {
   int64_t modules, members, batch, width, slots;
   // row of (module j, member e, sample b) in a [N, E, B, d] buffer, in units of d
   int64_t row(int64_t j, int64_t e, int64_t b) const { return (j * members + e) * batch + b; }
   // position of (gate g, member e, sample b)'s first slot in a [N, E, B, k] tensor
   int64_t slot(int64_t g, int64_t e, int64_t b) const { return ((g * members + e) * batch + b) * slots; }
+  // (member e, module g + 2) in [E, N - 1, ...] parameter tensors, in units of one module's parameter
+  int64_t module(int64_t e, int64_t g) const { return e * (modules - 1) + g; }
 };
 
 // Gate g's source in slot `at`: a module already computed, 0..g.
@@ -135,7 +132,7 @@ void send_back(const Shape& s, const scalar_t* table, const int64_t* index, cons
 }
 
 void check_inputs(const at::Tensor& first, const at::Tensor& index, const at::Tensor& weight,
-                  const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases) {
+                  const at::Tensor& matrices, const at::Tensor& biases) {
   TORCH_CHECK(first.device().is_cpu(), "native D2R chain: CPU tensors only, got ", first.device());
   TORCH_CHECK(first.dim() == 3 && index.dim() == 4 && weight.sizes() == index.sizes(),
               "native D2R chain: expected first [E, B, d], index and weight [N, E, B, k]; got ", first.sizes(), ", ",
@@ -143,8 +140,11 @@ void check_inputs(const at::Tensor& first, const at::Tensor& index, const at::Te
   TORCH_CHECK(index.size(1) == first.size(0) && index.size(2) == first.size(1),
               "native D2R chain: index [N, E, B, k] does not match first [E, B, d]");
   TORCH_CHECK(index.scalar_type() == at::kLong, "native D2R chain: index must be int64");
-  TORCH_CHECK(static_cast<int64_t>(matrices.size()) == index.size(0) - 1 && biases.size() == matrices.size(),
-              "native D2R chain: expected N - 1 = ", index.size(0) - 1, " module weights and biases");
+  const auto members = first.size(0), width = first.size(2), later = index.size(0) - 1;
+  TORCH_CHECK(matrices.sizes() == at::IntArrayRef({members, later, width, width}) &&
+                  biases.sizes() == at::IntArrayRef({members, later, width}),
+              "native D2R chain: expected module weights [E, N - 1, d, d] = [", members, ", ", later, ", ", width, ", ",
+              width, "] and biases [E, N - 1, d]; got ", matrices.sizes(), " and ", biases.sizes());
   for (const auto& t : {index, weight}) TORCH_CHECK(t.is_contiguous(), "native D2R chain: inputs must be contiguous");
 }
 
@@ -152,15 +152,14 @@ void check_inputs(const at::Tensor& first, const at::Tensor& index, const at::Te
 
 // Returns (output mixture [E, B, d], table [N, E, B, d], active [N - 1, E, B, d] bool).
 std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor& index, const at::Tensor& weight,
-                                      const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases,
-                                      int64_t block) {
+                                      const at::Tensor& matrices, const at::Tensor& biases, int64_t block) {
   check_inputs(first, index, weight, matrices, biases);
   const Shape s{index.size(0), first.size(0), first.size(1), first.size(2), index.size(3)};
   auto table = at::empty({s.modules, s.members, s.batch, s.width}, first.options());
   auto active = at::empty({s.modules - 1, s.members, s.batch, s.width}, first.options().dtype(at::kBool));
   auto mixed = at::empty({s.members, s.batch, s.width}, first.options());
   const auto first_c = first.contiguous();
-  const auto matrix = contiguous_all(matrices), bias = contiguous_all(biases);
+  const auto matrix = matrices.contiguous(), bias = biases.contiguous();
   const int64_t blocks = (s.batch + block - 1) / block, d = s.width;
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "d2r_chain_forward", [&] {
     const int64_t* idx = index.data_ptr<int64_t>();
@@ -178,8 +177,8 @@ std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor&
           read_sources(s, out, idx, w, g, e, b0, count, x.data());
           scalar_t* y = out + s.row(g + 1, e, b0) * d;
           // y = x W^T, then bias, ReLU mask, ReLU and residual in one loop
-          gemm(false, true, count, d, d, x.data(), matrix[g].data_ptr<scalar_t>() + e * d * d, scalar_t(0), y);
-          const scalar_t* b = bias[g].data_ptr<scalar_t>() + e * d;
+          gemm(false, true, count, d, d, x.data(), matrix.data_ptr<scalar_t>() + s.module(e, g) * d * d, scalar_t(0), y);
+          const scalar_t* b = bias.data_ptr<scalar_t>() + s.module(e, g) * d;
           bool* m = mask + s.row(g, e, b0) * d;
           for (int64_t i = 0; i < count; ++i) {
             for (int64_t c = 0; c < d; ++c) {
@@ -196,23 +195,23 @@ std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor&
   return {mixed, table, active};
 }
 
-// Returns (grad first [E, B, d], grad weight [N, E, B, k], then per module g: grad matrix
-// [E, d, d], grad bias [E, d]; the parameter gradients are undefined (None) unless need_params).
+// Returns (grad first [E, B, d], grad weight [N, E, B, k], grad matrices [E, N - 1, d, d], grad
+// biases [E, N - 1, d]; the parameter gradients are undefined (None) unless need_params).
 std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::Tensor& index, const at::Tensor& weight,
                                        const std::optional<at::Tensor>& endorsed, const at::Tensor& table,
-                                       const at::Tensor& active, const std::vector<at::Tensor>& matrices,
-                                       bool need_params, int64_t block) {
+                                       const at::Tensor& active, const at::Tensor& matrices, bool need_params,
+                                       int64_t block) {
   const Shape s{index.size(0), table.size(1), table.size(2), table.size(3), index.size(3)};
   const bool res_routing = endorsed.has_value();
   const auto options = table.options();
   const auto grad_out = grad_mixed.contiguous();
-  const auto matrix = contiguous_all(matrices);
+  const auto matrix = matrices.contiguous();
   auto grad_first = at::empty({s.members, s.batch, s.width}, options);
   auto grad_weight = at::empty(index.sizes(), options);
-  // parameter gradients, [N - 1, E, d, d] and [N - 1, E, d]: one accumulator per thread, summed at the end
+  // parameter gradients, [E, N - 1, d, d] and [E, N - 1, d]: one accumulator per thread, summed at the end
   const int64_t threads = need_params ? at::get_num_threads() : 0;
-  auto grad_matrices = at::zeros({threads, s.modules - 1, s.members, s.width, s.width}, options);
-  auto grad_biases = at::zeros({threads, s.modules - 1, s.members, s.width}, options);
+  auto grad_matrices = at::zeros({threads, s.members, s.modules - 1, s.width, s.width}, options);
+  auto grad_biases = at::zeros({threads, s.members, s.modules - 1, s.width}, options);
   const int64_t blocks = (s.batch + block - 1) / block, d = s.width;
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "d2r_chain_backward", [&] {
     const int64_t* idx = index.data_ptr<int64_t>();
@@ -249,15 +248,15 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::T
             grad_pre[c] = mask_bytes[c] ? g_y : scalar_t(0);
           }
           if (need_params) {
-            scalar_t* bias_g = bias_acc + (g * s.members + e) * d;
+            scalar_t* bias_g = bias_acc + s.module(e, g) * d;
             for (int64_t i = 0; i < count; ++i)
               for (int64_t c = 0; c < d; ++c) bias_g[c] += grad_pre[i * d + c];
             // grad W [d_out, d_in] += grad_pre^T x
             gemm(true, false, d, d, count, grad_pre.data(), x.data(), scalar_t(1),
-                 matrix_acc + (g * s.members + e) * d * d);
+                 matrix_acc + s.module(e, g) * d * d);
           }
-          gemm(false, false, count, d, d, grad_pre.data(), matrix[g].data_ptr<scalar_t>() + e * d * d, scalar_t(0),
-               grad_x_tilde.data());
+          gemm(false, false, count, d, d, grad_pre.data(), matrix.data_ptr<scalar_t>() + s.module(e, g) * d * d,
+               scalar_t(0), grad_x_tilde.data());
           send_back(s, tab, idx, w, endorse, g, e, b0, count, block, shortcut.data() + (g + 1) * block * d,
                     grad_x_tilde.data(), shortcut.data(), own_grad, gw, both.data());
         }
@@ -265,73 +264,9 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::T
       }
     });
   });
-  std::vector<at::Tensor> result{grad_first, grad_weight};
-  const auto matrices_sum = threads == 1 ? grad_matrices[0] : grad_matrices.sum(0);
-  const auto biases_sum = threads == 1 ? grad_biases[0] : grad_biases.sum(0);
-  for (int64_t g = 0; g + 1 < s.modules; ++g) {
-    result.push_back(need_params ? matrices_sum[g] : at::Tensor());
-    result.push_back(need_params ? biases_sum[g] : at::Tensor());
-  }
-  return result;
+  if (!need_params) return {grad_first, grad_weight, at::Tensor(), at::Tensor()};
+  return {grad_first, grad_weight, threads == 1 ? grad_matrices[0] : grad_matrices.sum(0),
+          threads == 1 ? grad_biases[0] : grad_biases.sum(0)};
 }
 
-// An unsigned integer ordered as the float: -inf < ... < -0 < +0 < ... < +inf < NaN.
-uint32_t order_key(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  if (value != value) return 0xffffffffu;
-  return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
-}
-
-// Columns of the k largest scores of each row of scores [R, n], in ascending column order,
-// [R, k] int64: torch.topk(scores, k).indices.sort() for rows without ties; among equal
-// scores the lower column wins, and NaN counts as the largest score, as in torch.topk.
-at::Tensor top_k_columns(const at::Tensor& scores, int64_t k) {
-  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2, "top_k_columns: expected CPU scores [R, n], got ",
-              scores.sizes(), " on ", scores.device());
-  const int64_t rows = scores.size(0), n = scores.size(1);
-  TORCH_CHECK(k >= 1 && k <= n, "top_k_columns: k must be in [1, ", n, "], got ", k);
-  const auto values = scores.contiguous();
-  auto columns = at::empty({rows, k}, scores.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "d2r_top_k_columns", [&] {
-    const scalar_t* v = values.data_ptr<scalar_t>();
-    int64_t* out = columns.data_ptr<int64_t>();
-    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-      std::vector<uint64_t> keys(n);
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = v + r * n;
-        int64_t* picked = out + r * k;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          // one integer key per column, ordered as (score, -column): k branch-free maximum searches
-          for (int64_t c = 0; c < n; ++c) keys[c] = (uint64_t(order_key(row[c])) << 32) | uint64_t(n - 1 - c);
-          for (int64_t t = 0; t < k; ++t) {
-            uint64_t best = 0;
-            for (int64_t c = 0; c < n; ++c) best = std::max(best, keys[c]);
-            picked[t] = n - 1 - int64_t(best & 0xffffffffu);
-            keys[picked[t]] = 0;
-          }
-        } else {
-          // a ranks above b: larger, or NaN against a number
-          const auto above = [](scalar_t a, scalar_t b) { return a > b || (a != a && b == b); };
-          for (int64_t c = 0; c < n; ++c) keys[c] = 0;  // 1 once taken
-          for (int64_t t = 0; t < k; ++t) {
-            int64_t pick = -1;
-            for (int64_t c = 0; c < n; ++c) {
-              if (!keys[c] && (pick < 0 || above(row[c], row[pick]))) pick = c;
-            }
-            keys[pick] = 1;
-            picked[t] = pick;
-          }
-        }
-        std::sort(picked, picked + k);
-      }
-    });
-  });
-  return columns;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("top_k_columns", &top_k_columns, "ascending columns of the k largest scores per row (CPU)");
-  m.def("forward", &chain_forward, "D2R module chain forward (CPU, blocked over samples)");
-  m.def("backward", &chain_backward, "D2R module chain backward (CPU, blocked over samples)");
-}
+}  // namespace d2r
