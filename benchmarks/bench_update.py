@@ -11,9 +11,9 @@ authors' D2R update time over ours.
     python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--threads N] [--device auto]
         [--per-gate-chain] [--chain-kernels] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
 
-``eager`` rows use the default config (on the CPU, the D2R chain's native pass);
-``--per-gate-chain`` adds ``per-gate`` rows with the chain's per-gate Python path
-(``compile.native_chain=false``) and ``--chain-kernels`` ``kernels`` rows with that path's
+``eager`` rows use the default config (on the CPU, D2R's native chain and routing passes);
+``--per-gate-chain`` adds ``per-gate`` rows with the PyTorch path of both, the chain per
+gate (``compile.native_chain=false``), and ``--chain-kernels`` ``kernels`` rows with that path's
 backward kernels compiled (``compile.chain_kernels=true``).
 """
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--chain-kernels", action="store_true",
                         help="also time the per-gate path with its backward kernels compiled (compile.chain_kernels)")
     parser.add_argument("--per-gate-chain", action="store_true",
-                        help="also time the update with the D2R chain's per-gate path (compile.native_chain=false)")
+                        help="also time the update with D2R's PyTorch chain and routing (compile.native_chain=false)")
     parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL (CPU only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

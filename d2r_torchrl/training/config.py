@@ -115,9 +115,10 @@ class CompileConfig:
     """``enabled``: ``torch.compile`` the update (``mode``/``backend`` passed on);
     ``cudagraphs``: capture the update in a CUDA graph (CUDA devices only);
     ``native_chain``: on the CPU, run the D2R module chain as one native C++ pass per
-    direction, blocked over samples (:mod:`~d2r_torchrl.modules.native_chain`, compiled on
-    first use; the per-gate path runs on CUDA, inside ``torch.compile`` or where it cannot
-    be built): the fastest CPU update (benchmarks/RESULTS.md), so on by default;
+    direction, blocked over samples, and the routing as one native pass per sample
+    (:mod:`~d2r_torchrl.modules.native_chain`, compiled on first use; the PyTorch path runs
+    on CUDA, inside ``torch.compile`` or where it cannot be built): the fastest CPU update
+    (benchmarks/RESULTS.md), so on by default;
     ``chain_kernels``: compile the per-gate backward kernels of that per-gate path (fused
     gathers, products and scatters; see :class:`~d2r_torchrl.modules.module_chain.ChainKernels`):
     about 7% off a D2R update with one torch thread and without the native pass, nothing
