@@ -41,7 +41,9 @@ def chain_inputs(
 def run_with_gradients(inputs: dict, kernels: ChainKernels, direction: torch.Tensor) -> list[torch.Tensor]:
     """The chain's output and the gradients of ``(output * direction).sum()`` w.r.t. every
     differentiable input that requires one."""
-    output = run_chain(inputs["first"], inputs["index"], inputs["weight"], inputs["endorsed"], *inputs["params"], kernels)
+    output = run_chain(
+        inputs["first"], inputs["index"], inputs["weight"], inputs["endorsed"], *inputs["params"], kernels
+    )
     wrt = [t for t in (inputs["first"], inputs["weight"], *inputs["params"]) if t.requires_grad]
     return [output, *torch.autograd.grad((output * direction).sum(), wrt)]
 

@@ -15,7 +15,9 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [pathlib.Path(__file__).with_name("csrc") / name for name in ("module_chain.cpp", "routing.cpp", "extension.cpp")]
+SOURCES = [
+    pathlib.Path(__file__).with_name("csrc") / name for name in ("module_chain.cpp", "routing.cpp", "extension.cpp")
+]
 _VECTOR_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],

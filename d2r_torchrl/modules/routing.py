@@ -249,8 +249,11 @@ def route_slots(
     behaviour = behaviour.bool() if mode is RoutingMode.BEHAVIOUR else None
     extension = load_native_chain() if native and runs_natively(flat_logits) else None
     if extension is not None:
+        if noise is not None:  # one temperature per row, in the logits' dtype
+            temperature = temperature.to(flat_logits.dtype).expand(flat_logits.shape[:-1])
         sources, positions, endorsed, route = _NativeRouteSlots.apply(
-            flat_logits.detach(), temperature if noise is not None else None, noise, behaviour, layout, endorse, extension
+            flat_logits.detach(), temperature if noise is not None else None, noise, behaviour,
+            layout, endorse, extension,
         )
         selected = flat_logits.gather(-1, positions.flatten(-2)).unflatten(-1, (layout.num_modules, layout.top_k))
         return RouteSlots(sources, _softmax_over_slots(selected, layout), endorsed if endorse else None, route)
