@@ -67,7 +67,8 @@ def test_native_route_slots_equal_the_plain_form(mode: RoutingMode, k: int, dtyp
     """The extension's routing pass against the plain form on padded logits
     (:func:`select_sources`, :func:`slot_weights`, :func:`slot_endorsement`,
     :func:`route_mask`): the same sources, endorsement and route, and the same weights and
-    weight gradients; also vmapped, as the twin critics call it. The Gumbel noise is drawn
+    weight gradients; also vmapped, as the twin critics call it (with batched and with
+    shared temperatures). The Gumbel noise is drawn
     before either form runs, so one seed gives both the same draws. Gates 0 and 1 have fewer
     candidates than ``k = 3`` (padding slots); in top-k mode one logit is NaN (it ranks
     first, as in ``torch.topk``, and its gate's weights are NaN in both forms)."""
@@ -85,23 +86,28 @@ def test_native_route_slots_equal_the_plain_form(mode: RoutingMode, k: int, dtyp
         behaviour = route_slots(flat, layout, RoutingMode.SAMPLE, temperature).route
         behaviour[::3] = False  # rows without a stored route sample instead
 
-    def run(native: bool, vmapped: bool) -> list[torch.Tensor]:
+    def run(native: bool, vmapped: bool, shared_temperature: bool = False) -> list[torch.Tensor]:
+        """Both forms on the same draws; vmapped over 4 groups of rows, where
+        ``shared_temperature`` gives every group the first group's temperatures (unbatched)."""
+
         def routes(logits, temperature, behaviour):
             return route_slots(logits, layout, mode, temperature, behaviour, endorse=True, native=native)
 
-        if vmapped:
-            routes = torch.vmap(routes, in_dims=(0, 0, None if behaviour is None else 0), randomness="different")
         shape = (4, rows // 4) if vmapped else (rows,)
+        temperatures = temperature.view(shape)
+        if vmapped:
+            if shared_temperature:
+                temperatures = temperatures[0]
+            in_dims = (0, None if shared_temperature else 0, None if behaviour is None else 0)
+            routes = torch.vmap(routes, in_dims=in_dims, randomness="different")
         torch.manual_seed(5)
-        slots = routes(
-            flat.view(*shape, -1), temperature.view(shape), None if behaviour is None else behaviour.view(*shape, -1)
-        )
+        slots = routes(flat.view(*shape, -1), temperatures, None if behaviour is None else behaviour.view(*shape, -1))
         (grad,) = torch.autograd.grad((slots.weights.reshape(rows, 7, k) * direction).nansum(), flat)
         return [t.reshape(rows, *t.shape[len(shape):]) for t in slots] + [grad]
 
-    for vmapped in (False, True):
-        sources, weights, endorsed, route, grad = run(native=True, vmapped=vmapped)
-        expected = run(native=False, vmapped=vmapped)
+    for vmapped, shared_temperature in ((False, False), (True, False), (True, True)):
+        sources, weights, endorsed, route, grad = run(True, vmapped, shared_temperature)
+        expected = run(False, vmapped, shared_temperature)
         assert sources.dtype == torch.long and torch.equal(sources, expected[0])
         assert (sources <= torch.arange(7).view(7, 1)).all()
         torch.testing.assert_close(weights, expected[1], equal_nan=True)
