@@ -68,10 +68,10 @@ def test_native_route_slots_equal_the_plain_form(mode: RoutingMode, k: int, dtyp
     (:func:`select_sources`, :func:`slot_weights`, :func:`slot_endorsement`,
     :func:`route_mask`): the same sources, endorsement and route, and the same weights and
     weight gradients; also vmapped, as the twin critics call it (with batched and with
-    shared temperatures). The Gumbel noise is drawn
-    before either form runs, so one seed gives both the same draws. Gates 0 and 1 have fewer
-    candidates than ``k = 3`` (padding slots); in top-k mode one logit is NaN (it ranks
-    first, as in ``torch.topk``, and its gate's weights are NaN in both forms)."""
+    shared temperatures). The Gumbel noise is drawn before either form runs, so one seed
+    gives both the same draws. Gates 0 and 1 have fewer candidates than ``k = 3`` (padding
+    slots); in top-k mode one logit is NaN (it ranks first, as in ``torch.topk``, and its
+    gate's weights are NaN in both forms)."""
     torch.manual_seed(2)
     layout = GateLayout(num_modules=7, top_k=k)
     rows = 48
