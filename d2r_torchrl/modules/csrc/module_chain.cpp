@@ -181,8 +181,8 @@ std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor&
           const scalar_t* b = bias.data_ptr<scalar_t>() + s.module(e, g) * d;
           for (int64_t i = 0; i < count; ++i)
             for (int64_t c = 0; c < d; ++c) y[i * d + c] = b[c];
-          const scalar_t* w_g = matrix.data_ptr<scalar_t>() + s.module(e, g) * d * d;
-          gemm(false, true, count, d, d, x.data(), w_g, scalar_t(1), y);
+          const scalar_t* matrix_g = matrix.data_ptr<scalar_t>() + s.module(e, g) * d * d;
+          gemm(false, true, count, d, d, x.data(), matrix_g, scalar_t(1), y);
           bool* m = mask + s.row(g, e, b0) * d;
           for (int64_t i = 0; i < count; ++i) {
             for (int64_t c = 0; c < d; ++c) {
