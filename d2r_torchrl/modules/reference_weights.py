@@ -98,7 +98,7 @@ def load_reference_state_dict(
         {f"depth_route_net.gates.{i}": f"router.0.{2 * i}" for i in range(gate_layers - 1)}
     )
     prefixes[f"depth_route_net.gates.{gate_layers - 1}"] = "router.1"
-    prefixes.update(
+    prefixes.update(  # one key per module; the network's load pre-hook stacks modules 2..N
         {f"depth_route_net.module_fcs.{i}": f"blocks.{i}" for i in range(network.num_modules)}
     )
     prefixes["last"] = "head"

@@ -281,8 +281,7 @@ class _NativeRouteSlots(torch.autograd.Function):
         outputs = extension.route_slots(
             flat(logits), flat(temperature), flat(noise), flat(behaviour), layout.num_modules, layout.top_k, endorse
         )
-        sources, positions, endorsed, route = (t.view(*rows, *t.shape[1:]) if t is not None else t for t in outputs)
-        return sources, positions, endorsed, route
+        return tuple(None if t is None else t.view(*rows, *t.shape[1:]) for t in outputs)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
