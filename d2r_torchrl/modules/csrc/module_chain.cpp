@@ -6,7 +6,7 @@
 // (tests/test_native_chain.py). Every sample's route only reads the same sample's module
 // outputs, so a block of `block` samples of one member runs the whole chain on its own:
 // its module outputs (N x block x d) and, backwards, its two gradient buffers stay in
-// cache, and blocks run in parallel (at::parallel_for). Linear maps are BLAS products on a
+// cache, and blocks run in parallel (at::parallel_for). Linear maps are matrix products on a
 // block's rows; everything between them (source reads, bias, ReLU, residual, masks,
 // weighted scatters of gradients) is one loop over the block.
 //
@@ -17,6 +17,7 @@
 #include "native.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -36,12 +37,12 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace d2r {
 namespace {
 
-// Row-major c[m, n] = op(a) op(b) + beta c, where op(a) is [m, k] (a stored [k, m] if trans_a)
+// BLAS: row-major c[m, n] = op(a) op(b) + beta c, where op(a) is [m, k] (a stored [k, m] if trans_a)
 // and op(b) is [k, n] (b stored [n, k] if trans_b); all rows packed. In BLAS's column-major
 // terms that is c^T = op(b)^T op(a)^T.
 template <typename scalar_t>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a, const scalar_t* b,
-          scalar_t beta, scalar_t* c) {
+void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a, const scalar_t* b,
+               scalar_t beta, scalar_t* c) {
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   const int mm = n, nn = m, kk = k, lda = trans_b ? k : n, ldb = trans_a ? m : k, ldc = n;
   const scalar_t one = 1;
@@ -49,6 +50,19 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const sca
     sgemm_(&ta, &tb, &mm, &nn, &kk, &one, b, &lda, a, &ldb, &beta, c, &ldc);
   } else {
     dgemm_(&ta, &tb, &mm, &nn, &kk, &one, b, &lda, a, &ldb, &beta, c, &ldc);
+  }
+}
+
+// Row-major c[m, n] = a[m, k] b[k, n] (+ c when accumulate), all rows packed. Float runs
+// oneDNN's batch-reduce GEMM kernel (cpublas::brgemm, which falls back to BLAS where oneDNN has
+// no kernel): on the chain's block shapes it is about a third faster than MKL's here
+// (benchmarks/RESULTS.md). Double runs BLAS.
+template <typename scalar_t>
+void gemm(int64_t m, int64_t n, int64_t k, const scalar_t* a, const scalar_t* b, bool accumulate, scalar_t* c) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    at::native::cpublas::brgemm(m, n, k, k, n, n, accumulate, a, b, c);
+  } else {
+    blas_gemm(false, false, m, n, k, a, b, scalar_t(accumulate ? 1 : 0), c);
   }
 }
 
@@ -159,7 +173,8 @@ std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor&
   auto active = at::empty({s.modules - 1, s.members, s.batch, s.width}, first.options().dtype(at::kBool));
   auto mixed = at::empty({s.members, s.batch, s.width}, first.options());
   const auto first_c = first.contiguous();
-  const auto matrix = matrices.contiguous(), bias = biases.contiguous();
+  // the module matrices transposed, [E, N - 1, d_in, d_out]: the product's right operand as the kernel reads it
+  const auto matrix_t = matrices.transpose(-1, -2).contiguous(), bias = biases.contiguous();
   const int64_t blocks = (s.batch + block - 1) / block, d = s.width;
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "d2r_chain_forward", [&] {
     const int64_t* idx = index.data_ptr<int64_t>();
@@ -176,13 +191,12 @@ std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor&
         for (int64_t g = 0; g + 1 < s.modules; ++g) {
           read_sources(s, out, idx, w, g, e, b0, count, x.data());
           scalar_t* y = out + s.row(g + 1, e, b0) * d;
-          // y = b + x W^T: the bias rows first, BLAS adds the product onto them (with beta = 0 it
-          // would spend a tenth of the pass zeroing y); then the ReLU mask, ReLU and residual in one loop
+          // y = b + x W^T: the bias rows first, the kernel adds the product onto them; then the
+          // ReLU mask, ReLU and residual in one loop
           const scalar_t* b = bias.data_ptr<scalar_t>() + s.module(e, g) * d;
           for (int64_t i = 0; i < count; ++i)
             for (int64_t c = 0; c < d; ++c) y[i * d + c] = b[c];
-          const scalar_t* matrix_g = matrix.data_ptr<scalar_t>() + s.module(e, g) * d * d;
-          gemm(false, true, count, d, d, x.data(), matrix_g, scalar_t(1), y);
+          gemm(count, d, d, x.data(), matrix_t.data_ptr<scalar_t>() + s.module(e, g) * d * d, true, y);
           bool* m = mask + s.row(g, e, b0) * d;
           for (int64_t i = 0; i < count; ++i) {
             for (int64_t c = 0; c < d; ++c) {
@@ -241,7 +255,6 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::T
         send_back(s, tab, idx, w, endorse, s.modules - 1, e, b0, count, block, static_cast<const scalar_t*>(nullptr),
                   grad_out.data_ptr<scalar_t>() + (e * s.batch + b0) * d, shortcut.data(), own_grad, gw, both.data());
         for (int64_t g = s.modules - 2; g >= 0; --g) {
-          read_sources(s, tab, idx, w, g, e, b0, count, x.data());  // recomputed: cheaper than kept
           const scalar_t* grad_y = module_grad + (g + 1) * block * d;
           const bool* m = mask + s.row(g, e, b0) * d;
           // ReLU's gradient; read as bytes and with both loads unconditional, the loop vectorises
@@ -255,12 +268,13 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::T
             scalar_t* bias_g = bias_acc + s.module(e, g) * d;
             for (int64_t i = 0; i < count; ++i)
               for (int64_t c = 0; c < d; ++c) bias_g[c] += grad_pre[i * d + c];
-            // grad W [d_out, d_in] += grad_pre^T x
-            gemm(true, false, d, d, count, grad_pre.data(), x.data(), scalar_t(1),
-                 matrix_acc + s.module(e, g) * d * d);
+            // grad W [d_out, d_in] += grad_pre^T x, with the module input x recomputed (cheaper than kept)
+            read_sources(s, tab, idx, w, g, e, b0, count, x.data());
+            blas_gemm(true, false, d, d, count, grad_pre.data(), x.data(), scalar_t(1),
+                      matrix_acc + s.module(e, g) * d * d);
           }
-          gemm(false, false, count, d, d, grad_pre.data(), matrix.data_ptr<scalar_t>() + s.module(e, g) * d * d,
-               scalar_t(0), grad_x_tilde.data());
+          gemm(count, d, d, grad_pre.data(), matrix.data_ptr<scalar_t>() + s.module(e, g) * d * d, false,
+               grad_x_tilde.data());
           send_back(s, tab, idx, w, endorse, g, e, b0, count, block, shortcut.data() + (g + 1) * block * d,
                     grad_x_tilde.data(), shortcut.data(), own_grad, gw, both.data());
         }
