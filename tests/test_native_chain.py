@@ -48,13 +48,14 @@ def run_with_gradients(inputs: dict, kernels: ChainKernels, direction: torch.Ten
     return [output, *torch.autograd.grad((output * direction).sum(), wrt)]
 
 
+@pytest.mark.parametrize("width", [16, 12])  # 12: the matrices' transpose has partial tiles
 @pytest.mark.parametrize("res_routing", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_native_pass_matches_the_per_gate_path(res_routing: bool, dtype: torch.dtype) -> None:
+def test_native_pass_matches_the_per_gate_path(res_routing: bool, dtype: torch.dtype, width: int) -> None:
     # 3 members, 2 blocks and a ragged one, 3 slots: gates 0 and 1 have padding slots
     batch = 2 * NATIVE_BLOCK + 22
-    inputs = chain_inputs(3, batch, 16, 6, 3, dtype, res_routing)
-    direction = torch.randn(3, batch, 16, dtype=dtype)
+    inputs = chain_inputs(3, batch, width, 6, 3, dtype, res_routing)
+    direction = torch.randn(3, batch, width, dtype=dtype)
     assert NATIVE.native is not None, "the native extension could not be built"
     expected = run_with_gradients(inputs, chain_kernels(compiled=False), direction)
     native = run_with_gradients(inputs, NATIVE, direction)

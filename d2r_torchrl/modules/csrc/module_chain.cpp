@@ -103,6 +103,37 @@ void read_sources(const Shape& s, const scalar_t* table, const int64_t* index, c
   }
 }
 
+// [..., d, d] -> the transposed matrices, contiguous: in tiles that stay in the first-level cache
+// (whole tiles with fixed bounds, which the compiler unrolls), one matrix per task of the parallel loop
+at::Tensor transpose_matrices(const at::Tensor& matrices) {
+  const auto in = matrices.contiguous();
+  auto out = at::empty_like(in);
+  const int64_t d = in.size(-1), count = d == 0 ? 0 : in.numel() / (d * d);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "d2r_transpose_matrices", [&] {
+    const scalar_t* src = in.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    constexpr int64_t tile = 8;
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const scalar_t* a = src + m * d * d;
+        scalar_t* t = dst + m * d * d;
+        for (int64_t r0 = 0; r0 < d; r0 += tile) {
+          for (int64_t c0 = 0; c0 < d; c0 += tile) {
+            if (r0 + tile <= d && c0 + tile <= d) {
+              for (int64_t r = 0; r < tile; ++r)
+                for (int64_t c = 0; c < tile; ++c) t[(c0 + c) * d + r0 + r] = a[(r0 + r) * d + c0 + c];
+            } else {
+              for (int64_t r = r0; r < std::min(r0 + tile, d); ++r)
+                for (int64_t c = c0; c < std::min(c0 + tile, d); ++c) t[c * d + r] = a[r * d + c];
+            }
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // Gate g's input gradients back to its sources (the block's local buffers, rows j * block + i),
 // and its mixing weights' gradients; grad_x is null at the output gate, own_grad without ResRouting.
 template <typename scalar_t>
@@ -174,7 +205,7 @@ std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor&
   auto mixed = at::empty({s.members, s.batch, s.width}, first.options());
   const auto first_c = first.contiguous();
   // the module matrices transposed, [E, N - 1, d_in, d_out]: the product's right operand as the kernel reads it
-  const auto matrix_t = matrices.transpose(-1, -2).contiguous(), bias = biases.contiguous();
+  const auto matrix_t = transpose_matrices(matrices), bias = biases.contiguous();
   const int64_t blocks = (s.batch + block - 1) / block, d = s.width;
   AT_DISPATCH_FLOATING_TYPES(first.scalar_type(), "d2r_chain_forward", [&] {
     const int64_t* idx = index.data_ptr<int64_t>();
