@@ -44,7 +44,10 @@ def check_features(features: torch.Tensor, in_features: int, what: str) -> None:
 
 
 class TaskEmbedding(nn.Linear):
-    """``Linear(T, width)`` applied to the one-hot of ``task_id``, computed as a lookup."""
+    """``Linear(T, width)`` applied to the one-hot of ``task_id``, computed as a lookup in the
+    ``[T, width]`` table ``weight^T + bias`` (one row per task, so the bias is added ``T``
+    times rather than once per sample; ``test_d2r_network`` checks it against the one-hot
+    product)."""
 
     def forward(self, task_id: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return nn.functional.embedding(task_id, self.weight.t()) + self.bias
+        return nn.functional.embedding(task_id, self.weight.t() + self.bias)
