@@ -55,15 +55,17 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
 
 // Row-major c[m, n] = a[m, k] b[k, n] (+ c when accumulate), all rows packed. Float runs
 // oneDNN's batch-reduce GEMM kernel (cpublas::brgemm, which falls back to BLAS where oneDNN has
-// no kernel): on the chain's block shapes it is about a third faster than MKL's here
-// (benchmarks/RESULTS.md). Double runs BLAS.
+// no kernel): on the chain's block shapes it is about a third faster than MKL's on the
+// benchmark machine (benchmarks/RESULTS.md). Double, and a PyTorch without that kernel, run BLAS.
 template <typename scalar_t>
 void gemm(int64_t m, int64_t n, int64_t k, const scalar_t* a, const scalar_t* b, bool accumulate, scalar_t* c) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
   if constexpr (std::is_same_v<scalar_t, float>) {
     at::native::cpublas::brgemm(m, n, k, k, n, n, accumulate, a, b, c);
-  } else {
-    blas_gemm(false, false, m, n, k, a, b, scalar_t(accumulate ? 1 : 0), c);
+    return;
   }
+#endif
+  blas_gemm(false, false, m, n, k, a, b, scalar_t(accumulate ? 1 : 0), c);
 }
 
 struct Shape {
