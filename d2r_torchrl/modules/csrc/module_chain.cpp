@@ -224,16 +224,13 @@ std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor&
         for (int64_t g = 0; g + 1 < s.modules; ++g) {
           read_sources(s, out, idx, w, g, e, b0, count, x.data());
           scalar_t* y = out + s.row(g + 1, e, b0) * d;
-          // y = b + x W^T: the bias rows first, the kernel adds the product onto them; then the
-          // ReLU mask, ReLU and residual in one loop
+          // y = x W^T, then the bias, the ReLU mask, the ReLU and the residual in one loop
+          gemm(count, d, d, x.data(), matrix_t.data_ptr<scalar_t>() + s.module(e, g) * d * d, false, y);
           const scalar_t* b = bias.data_ptr<scalar_t>() + s.module(e, g) * d;
-          for (int64_t i = 0; i < count; ++i)
-            for (int64_t c = 0; c < d; ++c) y[i * d + c] = b[c];
-          gemm(count, d, d, x.data(), matrix_t.data_ptr<scalar_t>() + s.module(e, g) * d * d, true, y);
           bool* m = mask + s.row(g, e, b0) * d;
           for (int64_t i = 0; i < count; ++i) {
             for (int64_t c = 0; c < d; ++c) {
-              const scalar_t pre = y[i * d + c];
+              const scalar_t pre = y[i * d + c] + b[c];
               m[i * d + c] = pre > 0;
               y[i * d + c] = std::max(pre, scalar_t(0)) + x[i * d + c];
             }
