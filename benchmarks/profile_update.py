@@ -9,7 +9,7 @@ time per update of each operator group and the largest single operators. Groups:
 ``matrix products`` (``mm``, ``addmm``, ``bmm``, ``baddbmm``), ``chain kernels`` (the D2R
 module chain's autograd function, its compiled kernels, ``embedding_bag`` reads and
 ``index_add_`` scatters; with the native chain, the default on the CPU, the whole chain
-including its module products, which BLAS runs inside the extension, unseen by the
+including its module products, which run inside the extension, unseen by the
 profiler), ``memory`` (fills and copies, page faults of fresh buffers included) and
 ``other`` (element-wise maths, routing, optimiser). Shares within one
 architecture are steadier than absolute times on a shared machine.
