@@ -3,9 +3,11 @@
 One batch of ``E`` networks (2: the twin critics under ``torch.vmap``) x ``B`` samples
 (1,280: MT10), 16 modules of width 128, k = 2, random routes: the forward, the backward
 with parameter gradients (the critics' TD term) and without (the critics in the policy
-term, their parameters detached), each the fastest of three timed rounds. The rate is that
-pass's matrix products (``2 E B (N - 1) d^2`` flops per product set; the backward with
-parameter gradients does two sets) over its time, so it includes everything between them.
+term, their parameters detached), each the fastest of three timed rounds. The pass computes
+only the modules each route reaches (printed as modules 2..N per sample); the rate is the
+products of those modules (``2 d^2`` flops per module and sample per product set; the
+backward with parameter gradients does two sets) over the pass's time, so it includes
+everything between them.
 
     python benchmarks/bench_native_chain.py [--members 2] [--batch 1280] [--threads 1] [--block 64]
 """
@@ -19,6 +21,7 @@ import torch
 
 from d2r_torchrl.modules.module_chain import NATIVE_BLOCK
 from d2r_torchrl.modules.native_chain import load_native_chain
+from d2r_torchrl.modules.routing import GateLayout, modules_reached, route_mask
 
 MODULES, SLOTS, WIDTH = 16, 2, 128
 
@@ -78,8 +81,11 @@ def main() -> None:
         "backward with parameter gradients": (backward(True), 2),
         "backward without": (backward(False), 1),
     }
-    flops = 2 * args.members * args.batch * (MODULES - 1) * WIDTH**2
-    print(f"{args.members} x {args.batch} samples, {args.threads} thread(s), block {args.block}")
+    selected = route_mask(x["index"].permute(1, 2, 0, 3), GateLayout(MODULES, SLOTS))  # [E, B, N, N]
+    products = int(modules_reached(selected)[..., 1:].sum())  # modules 2..N each sample runs
+    flops = 2 * products * WIDTH**2
+    print(f"{args.members} x {args.batch} samples, {args.threads} thread(s), block {args.block}, "
+          f"{products / (args.members * args.batch):.2f} of modules 2..{MODULES} per sample")
     for name, (fn, product_sets) in passes.items():
         ms = best_ms(fn, args.calls)
         print(f"{name:<36} {ms:7.2f} ms  {product_sets * flops / ms / 1e6:6.1f} GFLOP/s")

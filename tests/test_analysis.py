@@ -8,7 +8,7 @@ import torch
 from d2r_torchrl.analysis import depth_test, logit_spread, routing_statistics, summarise_routes
 from d2r_torchrl.analysis.__main__ import main as analysis_main
 from d2r_torchrl.modules.d2r import D2RNetwork
-from d2r_torchrl.modules.routing import GateLayout, route_depth
+from d2r_torchrl.modules.routing import GateLayout, modules_reached, route_depth
 from d2r_torchrl.training.config import apply_overrides, preset
 from d2r_torchrl.training.trainer import Trainer
 
@@ -30,9 +30,17 @@ def test_route_depth_hand_made():
     assert route_depth(torch.stack([CHAIN, SHORT, SKIP])).tolist() == [4, 1, 3]
 
 
+def test_modules_reached_hand_made():
+    # BYPASS: the output reads modules 1 and 3; module 3 reads module 1; modules 2 and 4 run for nothing
+    bypass = route({0: [0], 1: [0], 2: [0, 1], 3: [0, 2]})
+    reached = modules_reached(torch.stack([CHAIN, SHORT, SKIP, bypass]))
+    assert reached.tolist() == [[True] * 4, [True, False, False, False], [True] * 4, [True, False, True, False]]
+
+
 def test_summarise_routes_per_task():
     stats = summarise_routes(torch.stack([CHAIN, SHORT, SKIP]), torch.tensor([0, 0, 1]), num_tasks=3)
     assert stats.mean_depth[:2].tolist() == [2.5, 3.0]
+    assert stats.mean_modules[:2].tolist() == [2.5, 4.0]  # CHAIN runs 4 modules, SHORT 1, SKIP 4
     assert stats.samples.tolist() == [2.0, 1.0, 0.0]
     torch.testing.assert_close(stats.edge_frequency[0], (CHAIN.float() + SHORT.float()) / 2)
     torch.testing.assert_close(stats.edge_frequency[1], SKIP.float())
@@ -105,6 +113,8 @@ def test_analysis_cli_writes_pictures(tmp_path):
     summary = json.loads((tmp_path / "run" / "analysis" / "routing.json").read_text())
     assert list(summary["tasks"]) == ["reach-v3", "push-v3"]
     assert all(1 <= task["mean_depth"] <= 16 and task["states"] == 10 for task in summary["tasks"].values())
+    # a route runs at least the modules of its longest chain
+    assert all(task["mean_depth"] <= task["mean_modules"] <= 16 for task in summary["tasks"].values())
     assert summary["logit_spread_across_logits"] > 0
     for task in summary["tasks"].values():
         assert sum(task["depth_histogram"].values()) == 10

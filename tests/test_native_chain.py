@@ -64,6 +64,27 @@ def test_native_pass_matches_the_per_gate_path(res_routing: bool, dtype: torch.d
         torch.testing.assert_close(got, want, **tolerance)
 
 
+@pytest.mark.parametrize("res_routing", [True, False])
+def test_native_pass_skips_the_modules_a_route_does_not_reach(res_routing: bool) -> None:
+    """Only the output gate can read the last module; here it never does, so that module is
+    not computed: not-a-number parameters in it leave every value and gradient as with
+    finite ones (the per-gate path, which computes every module, would spread them through
+    its input-gradient product, 0 * nan)."""
+    inputs = chain_inputs(2, NATIVE_BLOCK + 9, 8, 6, 2, torch.float64, res_routing)
+    inputs["index"][-1].clamp_(max=4)  # the output gate reads modules 0..4, never module 5
+    module_weight, module_bias = (p.detach() for p in inputs["params"])
+    poisoned = [module_weight.clone(), module_bias.clone()]
+    poisoned[0][:, -1] = float("nan")
+    poisoned[1][:, -1] = float("nan")
+    finite = [module_weight.clone().requires_grad_(), module_bias.clone().requires_grad_()]
+    direction = torch.randn(2, NATIVE_BLOCK + 9, 8, dtype=torch.float64)
+    expected = run_with_gradients({**inputs, "params": finite}, chain_kernels(compiled=False), direction)
+    native = run_with_gradients({**inputs, "params": [p.requires_grad_() for p in poisoned]}, NATIVE, direction)
+    assert (expected[-1][:, -1] == 0).all() and (expected[-2][:, -1] == 0).all()  # no gradient reaches it
+    for got, want in zip(native, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_native_pass_with_detached_parameters_returns_no_parameter_gradients() -> None:
     inputs = chain_inputs(2, 40, 8, 5, 2, torch.float64, True)
     inputs["params"] = [p.detach() for p in inputs["params"]]

@@ -54,20 +54,22 @@ def analyse(run_dir: Path, out_dir: Path, episodes: int = 1) -> list[Path]:
 
 
 def _write_summary(stats: RoutingStatistics, tasks: tuple[str, ...], path: Path) -> Path:
-    """``routing.json``: per-task depth, states and within-task logit spread; global spreads
+    """``routing.json``: per-task depth, modules run, states and within-task logit spread; global spreads
     (``stats`` from :func:`routing_statistics`, which always measures the spread)."""
     test = depth_test(stats.depth_histogram)
     summary = {
         "tasks": {
             task: {
                 "mean_depth": depth,
+                "mean_modules": modules,
                 "depth_histogram": {str(d + 1): int(n) for d, n in enumerate(histogram) if n},
                 "states": int(states),
                 "logit_spread_within_task": within,
             }
-            for task, depth, histogram, states, within in zip(
+            for task, depth, modules, histogram, states, within in zip(
                 tasks,
                 stats.mean_depth.tolist(),
+                stats.mean_modules.tolist(),
                 stats.depth_histogram.tolist(),
                 stats.samples.tolist(),
                 stats.spread.within_task.tolist(),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from d2r_torchrl.modules.d2r import D2RNetwork
-from d2r_torchrl.modules.routing import RoutingMode, route_depth, set_routing_mode
+from d2r_torchrl.modules.routing import RoutingMode, modules_reached, route_depth, set_routing_mode
 from d2r_torchrl.objectives.multitask_sac import per_task_mean
 
 
@@ -60,6 +60,8 @@ class RoutingStatistics:
             states whose gate ``g`` (row ``g < N - 1`` feeds module ``g + 2``, the last row
             feeds the output head) selects module ``j + 1``.
         mean_depth: ``[T]`` mean number of modules on the longest chain of the route.
+        mean_modules: ``[T]`` mean number of modules the route runs (those the output
+            reaches, :func:`~d2r_torchrl.modules.routing.modules_reached`).
         depth_histogram: ``[T, N]``; entry ``[t, d]`` counts task ``t``'s states whose
             route has depth ``d + 1``.
         samples: ``[T]`` states per task.
@@ -68,6 +70,7 @@ class RoutingStatistics:
 
     edge_frequency: torch.Tensor
     mean_depth: torch.Tensor
+    mean_modules: torch.Tensor
     depth_histogram: torch.Tensor
     samples: torch.Tensor
     spread: LogitSpread | None = None
@@ -82,12 +85,14 @@ def summarise_routes(
     frequency, counts = per_task_mean(flat, task_id, num_tasks)
     depths = route_depth(selected)
     depth, _ = per_task_mean(depths.float(), task_id, num_tasks)
+    modules, _ = per_task_mean(modules_reached(selected).sum(-1).float(), task_id, num_tasks)
     num_modules = selected.shape[-1]
     histogram = torch.zeros(num_tasks * num_modules, dtype=torch.long)
     histogram.index_add_(0, (task_id * num_modules + depths - 1).cpu(), torch.ones_like(depths).cpu())
     return RoutingStatistics(
         edge_frequency=frequency.transpose(0, 1).reshape(num_tasks, num_modules, num_modules),
         mean_depth=depth,
+        mean_modules=modules,
         depth_histogram=histogram.view(num_tasks, num_modules),
         samples=counts,
         spread=None if logits is None else logit_spread(logits, task_id, num_tasks),

@@ -47,6 +47,7 @@ __all__ = [
     "route_weights",
     "endorsement_mask",
     "route_depth",
+    "modules_reached",
 ]
 
 
@@ -366,3 +367,18 @@ def route_depth(selected: torch.Tensor) -> torch.Tensor:
         deepest = (torch.stack(depths, -1) * selected[..., gate, : gate + 1]).amax(-1)
         depths.append(deepest + 1)
     return (torch.stack(depths, -1) * selected[..., -1, :]).amax(-1)
+
+
+def modules_reached(selected: torch.Tensor) -> torch.Tensor:
+    """The modules a route runs, ``[..., N, N]`` bool -> ``[..., N]`` bool: those the output
+    gate reads and, recursively, those a reached module reads (module 1 always).
+
+    A module outside this set cannot change the output; the native CPU chain does not
+    compute it (:mod:`~d2r_torchrl.modules.native_chain`). Gate ``g`` feeds module ``g + 2``,
+    so walking the gates downwards settles a module before its sources are marked.
+    """
+    num_modules = selected.shape[-1]
+    reached = selected[..., -1, :].clone()
+    for gate in reversed(range(num_modules - 1)):
+        reached |= selected[..., gate, :] & reached[..., gate + 1 : gate + 2]
+    return reached

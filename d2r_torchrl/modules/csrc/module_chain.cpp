@@ -10,6 +10,13 @@
 // block's rows; everything between them (source reads, bias, ReLU, residual, masks,
 // weighted scatters of gradients) is one loop over the block.
 //
+// Only the modules a sample's route reaches are computed: those the output gate reads, and
+// recursively those a reached module reads (mark_reached). A module outside that set cannot
+// change the output, so its value and gradient are not needed; the products run on the
+// compacted rows of the samples that reach the module. Table rows and ReLU masks of modules a
+// sample does not reach are left unset and never read, and their gates' mixing-weight
+// gradients are zero.
+//
 // Layouts (S = E * B samples, k slots per gate, all contiguous):
 //   first [E, B, d]; index [N, E, B, k] int64; weight, endorsed [N, E, B, k];
 //   matrices [E, N - 1, d, d], biases [E, N - 1, d]: modules g + 2 = 2..N of member e at [e, g];
@@ -22,7 +29,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -78,28 +87,68 @@ struct Shape {
   int64_t module(int64_t e, int64_t g) const { return e * (modules - 1) + g; }
 };
 
-// Gate g's source in slot `at`: a module already computed, 0..g.
-inline int64_t source_of(const int64_t* index, int64_t at, int64_t g) {
-  const int64_t j = index[at];
-  TORCH_CHECK(j >= 0 && j <= g, "native D2R chain: gate ", g, " reads module ", j,
-              "; a gate can only read modules 0..", g, " (index [N, E, B, k] out of range)");
-  return j;
+// Task `task` of a pass's parallel loop over members x blocks: (member, first sample, samples).
+// Block-major, so that each thread's contiguous share holds blocks of every member: members
+// (the twin critics) route differently, so their blocks cost differently.
+std::tuple<int64_t, int64_t, int64_t> block_task(const Shape& s, int64_t task, int64_t block) {
+  const int64_t e = task % s.members, b0 = (task / s.members) * block;
+  return {e, b0, std::min(block, s.batch - b0)};
 }
 
-// out[i] = sum_r weight[g, e, b0 + i, r] * table[index[g, e, b0 + i, r], e, b0 + i] for i < count
+// Every gate g reads modules already computed, 0..g: checked once per forward, before any read
+// (the backward reuses the forward's index).
+void check_sources(const at::Tensor& index) {
+  const int64_t gates = index.size(0), per_gate = index.numel() / std::max<int64_t>(gates, 1);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t g = 0; g < gates; ++g) {
+    const int64_t* row = idx + g * per_gate;
+    const bool valid = std::all_of(row, row + per_gate, [g](int64_t j) { return j >= 0 && j <= g; });
+    if (valid) continue;
+    const int64_t j = *std::find_if(row, row + per_gate, [g](int64_t j) { return j < 0 || j > g; });
+    TORCH_CHECK(false, "native D2R chain: gate ", g, " reads module ", j, "; a gate can only read modules 0..", g,
+                " (index [N, E, B, k] out of range)");
+  }
+}
+
+// The block's samples (block-local offsets i, sample b0 + i) whose route reaches each module:
+// reached[j * block + i] for table row j (module j + 1). Walks the gates from the output gate
+// down, so a module is marked before the gate that computes it reads its sources.
+void mark_reached(const Shape& s, const int64_t* index, int64_t e, int64_t b0, int64_t count, int64_t block,
+                  uint8_t* reached) {
+  std::fill(reached, reached + s.modules * block, uint8_t(0));
+  for (int64_t g = s.modules - 1; g >= 0; --g) {
+    const bool output_gate = g == s.modules - 1;
+    for (int64_t i = 0; i < count; ++i) {
+      if (!output_gate && !reached[(g + 1) * block + i]) continue;
+      const int64_t at = s.slot(g, e, b0 + i);
+      for (int64_t r = 0; r < s.slots; ++r) reached[index[at + r] * block + i] = 1;
+    }
+  }
+}
+
+// The block-local offsets of the samples that reach table row j, into rows; returns their number.
+int64_t reached_rows(const uint8_t* reached, int64_t j, int64_t count, int64_t block, int64_t* rows) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < count; ++i)
+    if (reached[j * block + i]) rows[m++] = i;
+  return m;
+}
+
+// out[r] = sum_t weight[g, e, b0 + i, t] * table[index[g, e, b0 + i, t], e, b0 + i] with
+// i = rows[r], for r < m (out compacted)
 template <typename scalar_t>
 void read_sources(const Shape& s, const scalar_t* table, const int64_t* index, const scalar_t* weight,
-                  int64_t g, int64_t e, int64_t b0, int64_t count, scalar_t* out) {
+                  int64_t g, int64_t e, int64_t b0, const int64_t* rows, int64_t m, scalar_t* out) {
   const int64_t d = s.width;
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t at = s.slot(g, e, b0 + i);
-    scalar_t* x = out + i * d;
-    const scalar_t* source = table + s.row(source_of(index, at, g), e, b0 + i) * d;
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t b = b0 + rows[r], at = s.slot(g, e, b);
+    scalar_t* x = out + r * d;
+    const scalar_t* source = table + s.row(index[at], e, b) * d;
     const scalar_t w0 = weight[at];
     for (int64_t c = 0; c < d; ++c) x[c] = w0 * source[c];
-    for (int64_t r = 1; r < s.slots; ++r) {
-      source = table + s.row(source_of(index, at + r, g), e, b0 + i) * d;
-      const scalar_t w = weight[at + r];
+    for (int64_t t = 1; t < s.slots; ++t) {
+      source = table + s.row(index[at + t], e, b) * d;
+      const scalar_t w = weight[at + t];
       for (int64_t c = 0; c < d; ++c) x[c] += w * source[c];
     }
   }
@@ -137,15 +186,18 @@ at::Tensor transpose_matrices(const at::Tensor& matrices) {
 }
 
 // Gate g's input gradients back to its sources (the block's local buffers, rows j * block + i),
-// and its mixing weights' gradients; grad_x is null at the output gate, own_grad without ResRouting.
+// and its mixing weights' gradients, for the samples i = rows[r], r < m: grad_x_tilde is
+// compacted (row r), grad_x block-local (row i; null at the output gate); own_grad is null
+// without ResRouting.
 template <typename scalar_t>
 void send_back(const Shape& s, const scalar_t* table, const int64_t* index, const scalar_t* weight,
-               const scalar_t* endorsed, int64_t g, int64_t e, int64_t b0, int64_t count, int64_t block,
-               const scalar_t* grad_x, const scalar_t* grad_x_tilde, scalar_t* shortcut_grad, scalar_t* own_grad,
-               scalar_t* grad_weight, scalar_t* both) {
+               const scalar_t* endorsed, int64_t g, int64_t e, int64_t b0, const int64_t* rows, int64_t m,
+               int64_t block, const scalar_t* grad_x, const scalar_t* grad_x_tilde, scalar_t* shortcut_grad,
+               scalar_t* own_grad, scalar_t* grad_weight, scalar_t* both) {
   const int64_t d = s.width;
-  for (int64_t i = 0; i < count; ++i) {
-    const scalar_t* gxt = grad_x_tilde + i * d;
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t i = rows[r];
+    const scalar_t* gxt = grad_x_tilde + r * d;
     const scalar_t* gx = grad_x == nullptr ? nullptr : grad_x + i * d;
     if (gx == nullptr) {
       std::memcpy(both, gxt, d * sizeof(scalar_t));
@@ -153,9 +205,9 @@ void send_back(const Shape& s, const scalar_t* table, const int64_t* index, cons
       for (int64_t c = 0; c < d; ++c) both[c] = gx[c] + gxt[c];
     }
     const int64_t at = s.slot(g, e, b0 + i);
-    for (int64_t r = 0; r < s.slots; ++r) {
-      const int64_t j = index[at + r];
-      const scalar_t w = weight[at + r];
+    for (int64_t t = 0; t < s.slots; ++t) {
+      const int64_t j = index[at + t];
+      const scalar_t w = weight[at + t];
       const scalar_t* source = table + s.row(j, e, b0 + i) * d;
       scalar_t* shortcut = shortcut_grad + (j * block + i) * d;
       scalar_t dot = 0;
@@ -164,10 +216,10 @@ void send_back(const Shape& s, const scalar_t* table, const int64_t* index, cons
         dot += source[c] * both[c];
         shortcut[c] += w * both[c];
       }
-      grad_weight[at + r] = dot;
+      grad_weight[at + t] = dot;
       if (own_grad != nullptr) {
         scalar_t* own = own_grad + (j * block + i) * d;
-        const scalar_t endorsed_w = w * endorsed[at + r];
+        const scalar_t endorsed_w = w * endorsed[at + t];
         if (gx == nullptr) {
           for (int64_t c = 0; c < d; ++c) own[c] += endorsed_w * gxt[c];
         } else {
@@ -201,6 +253,7 @@ void check_inputs(const at::Tensor& first, const at::Tensor& index, const at::Te
 std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor& index, const at::Tensor& weight,
                                       const at::Tensor& matrices, const at::Tensor& biases, int64_t block) {
   check_inputs(first, index, weight, matrices, biases);
+  check_sources(index);
   const Shape s{index.size(0), first.size(0), first.size(1), first.size(2), index.size(3)};
   auto table = at::empty({s.modules, s.members, s.batch, s.width}, first.options());
   auto active = at::empty({s.modules - 1, s.members, s.batch, s.width}, first.options().dtype(at::kBool));
@@ -215,28 +268,35 @@ std::vector<at::Tensor> chain_forward(const at::Tensor& first, const at::Tensor&
     scalar_t* out = table.data_ptr<scalar_t>();
     bool* mask = active.data_ptr<bool>();
     at::parallel_for(0, s.members * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> x(block * d);
+      std::vector<scalar_t> x(block * d), y(block * d);
+      std::vector<int64_t> rows(block), all(block);
+      std::iota(all.begin(), all.end(), int64_t(0));
+      std::vector<uint8_t> reached(s.modules * block);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t e = task / blocks, b0 = (task % blocks) * block, count = std::min(block, s.batch - b0);
-        const int64_t n = count * d;
+        const auto [e, b0, count] = block_task(s, task, block);
         std::memcpy(out + s.row(0, e, b0) * d, first_c.data_ptr<scalar_t>() + (e * s.batch + b0) * d,
-                    n * sizeof(scalar_t));
+                    count * d * sizeof(scalar_t));
+        mark_reached(s, idx, e, b0, count, block, reached.data());
         for (int64_t g = 0; g + 1 < s.modules; ++g) {
-          read_sources(s, out, idx, w, g, e, b0, count, x.data());
-          scalar_t* y = out + s.row(g + 1, e, b0) * d;
-          // y = x W^T, then the bias, the ReLU mask, the ReLU and the residual in one loop
-          gemm(count, d, d, x.data(), matrix_t.data_ptr<scalar_t>() + s.module(e, g) * d * d, false, y);
+          const int64_t m = reached_rows(reached.data(), g + 1, count, block, rows.data());
+          if (m == 0) continue;
+          read_sources(s, out, idx, w, g, e, b0, rows.data(), m, x.data());
+          // y = x W^T on the compacted rows, then the bias, the ReLU mask, the ReLU and the
+          // residual in one loop that writes each row back to its sample
+          gemm(m, d, d, x.data(), matrix_t.data_ptr<scalar_t>() + s.module(e, g) * d * d, false, y.data());
           const scalar_t* b = bias.data_ptr<scalar_t>() + s.module(e, g) * d;
-          bool* m = mask + s.row(g, e, b0) * d;
-          for (int64_t i = 0; i < count; ++i) {
+          for (int64_t r = 0; r < m; ++r) {
+            scalar_t* dst = out + s.row(g + 1, e, b0 + rows[r]) * d;
+            bool* mk = mask + s.row(g, e, b0 + rows[r]) * d;
             for (int64_t c = 0; c < d; ++c) {
-              const scalar_t pre = y[i * d + c] + b[c];
-              m[i * d + c] = pre > 0;
-              y[i * d + c] = std::max(pre, scalar_t(0)) + x[i * d + c];
+              const scalar_t pre = y[r * d + c] + b[c];
+              mk[c] = pre > 0;
+              dst[c] = std::max(pre, scalar_t(0)) + x[r * d + c];
             }
           }
         }
-        read_sources(s, out, idx, w, s.modules - 1, e, b0, count, mixed.data_ptr<scalar_t>() + (e * s.batch + b0) * d);
+        read_sources(s, out, idx, w, s.modules - 1, e, b0, all.data(), count,
+                     mixed.data_ptr<scalar_t>() + (e * s.batch + b0) * d);
       }
     });
   });
@@ -255,7 +315,7 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::T
   const auto grad_out = grad_mixed.contiguous();
   const auto matrix = matrices.contiguous();
   auto grad_first = at::empty({s.members, s.batch, s.width}, options);
-  auto grad_weight = at::empty(index.sizes(), options);
+  auto grad_weight = at::zeros(index.sizes(), options);  // zero at the gates of modules not reached
   // parameter gradients, [E, N - 1, d, d] and [E, N - 1, d]: one accumulator per thread, summed at the end
   const int64_t threads = need_params ? at::get_num_threads() : 0;
   auto grad_matrices = at::zeros({threads, s.members, s.modules - 1, s.width, s.width}, options);
@@ -273,39 +333,54 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad_mixed, const at::T
       // module output, rows j * block + i; without ResRouting the shortcut buffer holds both
       std::vector<scalar_t> shortcut(s.modules * block * d), own(res_routing ? s.modules * block * d : 0);
       std::vector<scalar_t> x(block * d), grad_pre(block * d), grad_x_tilde(block * d), both(d);
+      std::vector<int64_t> rows(block), all(block);
+      std::iota(all.begin(), all.end(), int64_t(0));
+      std::vector<uint8_t> reached(s.modules * block);
       scalar_t* own_grad = res_routing ? own.data() : nullptr;
       scalar_t* module_grad = res_routing ? own.data() : shortcut.data();  // d loss / d a_j
       const int64_t thread = need_params ? at::get_thread_num() : 0;
       scalar_t* matrix_acc = need_params ? grad_matrices[thread].data_ptr<scalar_t>() : nullptr;
       scalar_t* bias_acc = need_params ? grad_biases[thread].data_ptr<scalar_t>() : nullptr;
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t e = task / blocks, b0 = (task % blocks) * block, count = std::min(block, s.batch - b0);
-        std::fill(shortcut.begin(), shortcut.end(), scalar_t(0));
-        std::fill(own.begin(), own.end(), scalar_t(0));
-        send_back(s, tab, idx, w, endorse, s.modules - 1, e, b0, count, block, static_cast<const scalar_t*>(nullptr),
-                  grad_out.data_ptr<scalar_t>() + (e * s.batch + b0) * d, shortcut.data(), own_grad, gw, both.data());
+        const auto [e, b0, count] = block_task(s, task, block);
+        mark_reached(s, idx, e, b0, count, block, reached.data());
+        // only the rows of reached modules receive or send gradients (module 1's rows are all copied out)
+        for (int64_t j = 0; j < s.modules; ++j) {
+          for (int64_t i = 0; i < count; ++i) {
+            if (j > 0 && !reached[j * block + i]) continue;
+            std::fill_n(shortcut.data() + (j * block + i) * d, d, scalar_t(0));
+            if (res_routing) std::fill_n(own.data() + (j * block + i) * d, d, scalar_t(0));
+          }
+        }
+        send_back(s, tab, idx, w, endorse, s.modules - 1, e, b0, all.data(), count, block,
+                  static_cast<const scalar_t*>(nullptr), grad_out.data_ptr<scalar_t>() + (e * s.batch + b0) * d,
+                  shortcut.data(), own_grad, gw, both.data());
         for (int64_t g = s.modules - 2; g >= 0; --g) {
-          const scalar_t* grad_y = module_grad + (g + 1) * block * d;
-          const bool* m = mask + s.row(g, e, b0) * d;
-          // ReLU's gradient; read as bytes and with both loads unconditional, the loop vectorises
-          // (a branch on the bool mask mispredicts on half the entries: it took as long as the products)
-          const auto* mask_bytes = reinterpret_cast<const uint8_t*>(m);
-          for (int64_t c = 0; c < count * d; ++c) {
-            const scalar_t g_y = grad_y[c];
-            grad_pre[c] = mask_bytes[c] ? g_y : scalar_t(0);
+          const int64_t m = reached_rows(reached.data(), g + 1, count, block, rows.data());
+          if (m == 0) continue;
+          // ReLU's gradient on the compacted rows; read as bytes and with both loads
+          // unconditional, the loop vectorises (a branch on the bool mask mispredicts on half
+          // the entries: it took as long as the products)
+          for (int64_t r = 0; r < m; ++r) {
+            const scalar_t* grad_y = module_grad + ((g + 1) * block + rows[r]) * d;
+            const auto* mask_bytes = reinterpret_cast<const uint8_t*>(mask + s.row(g, e, b0 + rows[r]) * d);
+            for (int64_t c = 0; c < d; ++c) {
+              const scalar_t g_y = grad_y[c];
+              grad_pre[r * d + c] = mask_bytes[c] ? g_y : scalar_t(0);
+            }
           }
           if (need_params) {
             scalar_t* bias_g = bias_acc + s.module(e, g) * d;
-            for (int64_t i = 0; i < count; ++i)
-              for (int64_t c = 0; c < d; ++c) bias_g[c] += grad_pre[i * d + c];
+            for (int64_t r = 0; r < m; ++r)
+              for (int64_t c = 0; c < d; ++c) bias_g[c] += grad_pre[r * d + c];
             // grad W [d_out, d_in] += grad_pre^T x, with the module input x recomputed (cheaper than kept)
-            read_sources(s, tab, idx, w, g, e, b0, count, x.data());
-            blas_gemm(true, false, d, d, count, grad_pre.data(), x.data(), scalar_t(1),
+            read_sources(s, tab, idx, w, g, e, b0, rows.data(), m, x.data());
+            blas_gemm(true, false, d, d, m, grad_pre.data(), x.data(), scalar_t(1),
                       matrix_acc + s.module(e, g) * d * d);
           }
-          gemm(count, d, d, grad_pre.data(), matrix.data_ptr<scalar_t>() + s.module(e, g) * d * d, false,
+          gemm(m, d, d, grad_pre.data(), matrix.data_ptr<scalar_t>() + s.module(e, g) * d * d, false,
                grad_x_tilde.data());
-          send_back(s, tab, idx, w, endorse, g, e, b0, count, block, shortcut.data() + (g + 1) * block * d,
+          send_back(s, tab, idx, w, endorse, g, e, b0, rows.data(), m, block, shortcut.data() + (g + 1) * block * d,
                     grad_x_tilde.data(), shortcut.data(), own_grad, gw, both.data());
         }
         std::memcpy(grad_first.data_ptr<scalar_t>() + (e * s.batch + b0) * d, module_grad, count * d * sizeof(scalar_t));
