@@ -1,7 +1,8 @@
 """Milliseconds of the native D2R module chain alone, as the twin critics run it.
 
 One batch of ``E`` networks (2: the twin critics under ``torch.vmap``) x ``B`` samples
-(1,280: MT10), 16 modules of width 128, k = 2, random routes: the forward, the backward
+(1,280: MT10), 16 modules of width 128, k = 2, random routes (``--routes deepest``: every
+route runs all modules, the most work a pass can have): the forward, the backward
 with parameter gradients (the critics' TD term) and without (the critics in the policy
 term, their parameters detached), each the fastest of three timed rounds. The pass computes
 only the modules each route reaches (printed as modules 2..N per sample); the rate is the
@@ -10,6 +11,7 @@ backward with parameter gradients does two sets) over the pass's time, so it inc
 everything between them.
 
     python benchmarks/bench_native_chain.py [--members 2] [--batch 1280] [--threads 1] [--block 64]
+        [--routes random|deepest]
 """
 from __future__ import annotations
 
@@ -39,12 +41,15 @@ def best_ms(fn: Callable[[], object], calls: int, rounds: int = 3) -> float:
     return 1e3 * min(times)
 
 
-def chain_inputs(members: int, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random float32 inputs of the native pass (gate g reads modules 0..g)."""
+def chain_inputs(members: int, batch: int, seed: int = 0, deepest: bool = False) -> dict[str, torch.Tensor]:
+    """Random float32 inputs of the native pass: gate g reads random modules of 0..g, or with
+    ``deepest`` module g in every slot (module g + 1 reads module g: every module runs)."""
     generator = torch.Generator().manual_seed(seed)
     gate = torch.arange(MODULES).view(MODULES, 1, 1, 1)
     shape = (MODULES, members, batch, SLOTS)
     index = (torch.rand(shape, generator=generator) * (gate + 1)).long().clamp(max=gate)
+    if deepest:
+        index = gate.expand(shape).clone()
     return {
         "first": torch.randn(members, batch, WIDTH, generator=generator),
         "index": index,
@@ -63,12 +68,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--block", type=int, default=NATIVE_BLOCK, help="samples per block of the native pass")
     parser.add_argument("--calls", type=int, default=10, help="calls per timed round")
+    parser.add_argument("--routes", default="random", choices=["random", "deepest"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     native = load_native_chain()
     if native is None:
         raise SystemExit("the native extension could not be built here (see the warning above)")
-    x = chain_inputs(args.members, args.batch)
+    x = chain_inputs(args.members, args.batch, deepest=args.routes == "deepest")
     mixed, table, active = native.forward(x["first"], x["index"], x["weight"], x["matrices"], x["biases"], args.block)
 
     def backward(need_params: bool) -> Callable[[], object]:

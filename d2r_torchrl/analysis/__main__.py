@@ -3,7 +3,7 @@
 For each run: loads its checkpoint, rolls out the deterministic policy in every task, and
 writes to ``RUN_DIR/analysis`` ``routes.png`` (top-k routing graph per task), ``depth.png``
 (effective depth per task), ``temperatures.png`` (per-task alpha and routing temperature
-over training) and ``routing.json`` (per task: depth mean and histogram, router-logit
+over training) and ``routing.json`` (per task: depth mean and histogram, modules run, router-logit
 spread, see :class:`LogitSpread`; the Kruskal-Wallis test of equal depth across tasks, see
 :class:`DepthTest`). With several runs (seeds of one setting, same tasks), ``--out``
 (default: their common parent) also gets ``depth_across_runs.md``: each task's mean depth

@@ -179,7 +179,10 @@ class ModuleChain(torch.autograd.Function):
     batched matrix products, so twin critics run as one chain; under :func:`torch.vmap` the
     vmapped dimension is folded into the ensemble (see :meth:`vmap`). On the CPU, with
     ``kernels.native``, both passes run in the C++ extension instead, blocked over samples
-    (same inputs, outputs and gradients; ``tests/test_native_chain.py``).
+    (same inputs, outputs and gradients; ``tests/test_native_chain.py``), and compute only
+    the modules each sample's route reaches
+    (:func:`~d2r_torchrl.modules.routing.modules_reached`): the others cannot change the
+    output, and their rows of the returned buffers are left unset.
 
     Inputs (``S = E * B`` samples, ``k`` slots per gate):
 
