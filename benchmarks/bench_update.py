@@ -6,7 +6,9 @@ steps, target soft update and route-temperature refresh (``make_update``). Sizes
 (T=10, batch 1,280) and MT50 (T=50, batch 6,400), all measured in one run; the headline
 is the ratio to MT-SAC and, with ``--reference DIR`` (a checkout of GitHub
 ``DarkDawn233/D2R_MTRL``, run in its own process by ``reference_update.py``), the
-authors' D2R update time over ours.
+authors' D2R update time over ours. Every update being timed takes its turn, one update
+each per repeat, the authors' included, so that a slow stretch of a shared machine weighs
+on all of them alike.
 
     python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--threads N] [--device auto]
         [--per-gate-chain] [--chain-kernels] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
@@ -23,6 +25,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -60,14 +63,15 @@ def build_update(
 
 def time_updates(
     architectures: list[str], num_tasks: int, batch_size: int, repeats: int, device: torch.device,
-    compile_overrides: list[str],
+    compile_overrides: list[str], authors: AuthorsUpdate | None = None,
 ) -> dict[str, float]:
-    """Median milliseconds of one update per architecture, after warm-up updates (more when
-    compiling). The architectures take turns, one update each per repeat, so that a slow
-    stretch of a shared machine weighs on all of them alike and their ratios hold."""
+    """Median milliseconds of one update per architecture (and ``"authors"`` with
+    ``authors``), after warm-up updates (more when compiling). They take turns, one update
+    each per repeat, so that a slow stretch of a shared machine weighs on all of them alike
+    and their ratios hold."""
     built = {arch: build_update(arch, num_tasks, batch_size, device, compile_overrides) for arch in architectures}
     warmup = 8 if "compile.enabled=true" in compile_overrides else 3  # compiled chain kernels: 1-2 updates
-    times: dict[str, list[float]] = {arch: [] for arch in architectures}
+    times: dict[str, list[float]] = {arch: [] for arch in [*architectures, *(["authors"] if authors else [])]}
     for i in range(repeats + warmup):
         for arch, (update, batch) in built.items():
             sample = batch.clone()
@@ -78,25 +82,59 @@ def time_updates(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
-                times[arch].append(time.perf_counter() - start)
-    return {arch: 1000 * statistics.median(arch_times) for arch, arch_times in times.items()}
+                times[arch].append(1000 * (time.perf_counter() - start))
+        if authors is not None:
+            ms = authors()
+            if i >= warmup:
+                times["authors"].append(ms)
+    return {arch: statistics.median(arch_times) for arch, arch_times in times.items()}
 
 
-def reference_times(reference: str | None, sizes: list[str], repeats: int) -> dict[str, float]:
-    """The authors' ms per update (CPU, this process's thread count), or {} with a note."""
+class AuthorsUpdate:
+    """The authors' D2R update at one size, in its own process (``reference_update.py
+    --serve``; their package is also called ``torchrl``), one update per call; a call
+    returns the milliseconds the update took there."""
+
+    def __init__(self, reference: str, size: str) -> None:
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        command = [sys.executable, str(HERE / "reference_update.py"), reference, "--serve", size,
+                   "--threads", str(torch.get_num_threads())]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True, cwd=reference)
+        self._answer("READY")
+
+    def _answer(self, prefix: str) -> str:
+        """The child's next line starting with ``prefix`` (its code may print other lines)."""
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        self.stderr.seek(0)
+        raise RuntimeError(f"the authors' implementation stopped:\n{self.stderr.read()[-2000:]}")
+
+    def __call__(self) -> float:
+        self.process.stdin.write("update\n")
+        self.process.stdin.flush()
+        return float(self._answer("MS"))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+        self.stderr.close()
+
+
+def start_authors(reference: str | None, size: str) -> AuthorsUpdate | None:
+    """The authors' update at ``size`` (CPU, this process's thread count), or None with a note."""
     if reference is None:
         print("authors' implementation: not measured (pass --reference DIR, a checkout of DarkDawn233/D2R_MTRL)")
-        return {}
+        return None
     if not (Path(reference) / "torchrl" / "algo" / "mt_sac.py").exists():
         print(f"authors' implementation: {reference} is not a checkout of DarkDawn233/D2R_MTRL; not measured")
-        return {}
-    command = [sys.executable, str(HERE / "reference_update.py"), reference, "--sizes", *sizes,
-               "--repeats", str(repeats), "--threads", str(torch.get_num_threads())]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=reference)
-    if result.returncode != 0:
-        print(f"authors' implementation failed to run; not measured:\n{result.stderr[-2000:]}")
-        return {}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        return None
+    try:
+        return AuthorsUpdate(reference, size)
+    except RuntimeError as error:
+        print(f"authors' implementation failed to run; not measured: {error}")
+        return None
 
 
 def main() -> None:
@@ -128,21 +166,28 @@ def main() -> None:
         variants["compiled"] = ["compile.enabled=true"] + (
             [f"compile.mode={args.compile_mode}"] if args.compile_mode else []
         ) + (["compile.cudagraphs=true", f"device={device}"] if args.cudagraphs else [])
-    reference = reference_times(args.reference, args.sizes, args.repeats) if device.type == "cpu" else {}
-    results: dict = {"device": str(device), "threads": torch.get_num_threads(), "reference_ms": reference}
+    if args.reference and device.type != "cpu":
+        print("authors' implementation: CPU only; not measured")
+    results: dict = {"device": str(device), "threads": torch.get_num_threads(), "reference_ms": {}}
     print(f"device: {device}, torch threads: {torch.get_num_threads()}")
     print(f"{'size':6} {'update':9} {'architecture':14} {'ms/update':>10} {'x MT-SAC':>9} {'authors / ours':>15}")
     for size in args.sizes:
         num_tasks, batch_size = SIZES[size]
+        authors = start_authors(args.reference, size) if device.type == "cpu" else None
         for variant, overrides in variants.items():
-            times = time_updates(args.architectures, num_tasks, batch_size, args.repeats, device, overrides)
+            times = time_updates(args.architectures, num_tasks, batch_size, args.repeats, device, overrides,
+                                 authors if variant == "eager" else None)
+            if "authors" in times:
+                results["reference_ms"][size] = times.pop("authors")
+            reference = results["reference_ms"].get(size, float("nan"))
             for arch, ms in times.items():
                 ratio = ms / times["mt_sac"] if "mt_sac" in times else float("nan")
-                speedup = reference[size] / ms if arch == "d2r" and size in reference else float("nan")
+                speedup = reference / ms if arch == "d2r" else float("nan")
                 print(f"{size:6} {variant:9} {arch:14} {ms:10.1f} {ratio:9.2f} {speedup:15.1f}")
             results.setdefault("ms_per_update", {}).setdefault(variant, {})[size] = times
-        if size in reference:
-            print(f"{size:6} {'authors':9} {'d2r':14} {reference[size]:10.1f}")
+        if authors is not None:
+            authors.close()
+            print(f"{size:6} {'authors':9} {'d2r':14} {results['reference_ms'][size]:10.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

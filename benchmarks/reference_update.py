@@ -6,9 +6,13 @@ checkout first on ``sys.path``; ``bench_update.py --reference DIR`` starts it. N
 their code is part of this repository: pass a checkout of GitHub ``DarkDawn233/D2R_MTRL``.
 
     python benchmarks/reference_update.py DIR [--sizes MT10 MT50] [--repeats 5] [--threads N]
+    python benchmarks/reference_update.py DIR --serve MT10 [--threads N]
 
 Prints one JSON object ``{"MT10": ms, ...}`` (median over ``repeats`` after two warm-up
-updates) on its last line.
+updates) on its last line. With ``--serve SIZE`` it builds that size's update, prints
+``READY`` and then runs one update per line read from its standard input, answering each
+with ``MS <milliseconds>``, until the input closes: ``bench_update.py`` uses it so that
+the authors' updates take turns with ours.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from typing import Callable
 
 SIZES = {"MT10": (10, 1280), "MT50": (50, 6400)}
 OBS, ACT = 39, 4
@@ -69,8 +74,8 @@ def synthetic_batch(num_tasks: int, batch_size: int) -> dict:
     }
 
 
-def time_reference(num_tasks: int, batch_size: int, repeats: int) -> float:
-    import torch
+def build_reference(num_tasks: int, batch_size: int) -> Callable[[], None]:
+    """One call: one update of their ``MTSAC`` on a fixed synthetic batch."""
     import torchrl.networks as networks  # the checkout's package
     import torchrl.policies as policies
     from torchrl.algo import MTSAC
@@ -99,13 +104,28 @@ def time_reference(num_tasks: int, batch_size: int, repeats: int) -> float:
         task_loss_threshold=3e3,
     )
     batch = synthetic_batch(num_tasks, batch_size)
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        agent.update(batch)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
+    return lambda: agent.update(batch)
+
+
+def timed_ms(update: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    update()
+    return 1000 * (time.perf_counter() - start)
+
+
+def time_reference(num_tasks: int, batch_size: int, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` updates after two warm-up updates."""
+    update = build_reference(num_tasks, batch_size)
+    times = [timed_ms(update) for _ in range(repeats + 2)][2:]
+    return sorted(times)[len(times) // 2]
+
+
+def serve(size: str) -> None:
+    """Answer each line of standard input with one timed update (see the module docstring)."""
+    update = build_reference(*SIZES[size])
+    print("READY", flush=True)
+    for _ in sys.stdin:
+        print(f"MS {timed_ms(update)}", flush=True)
 
 
 def main() -> None:
@@ -114,12 +134,16 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--serve", default=None, choices=list(SIZES), help="run updates of this size on request")
     args = parser.parse_args()
     sys.path.insert(0, args.reference)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.serve:
+        serve(args.serve)
+        return
     print(json.dumps({size: time_reference(*SIZES[size], args.repeats) for size in args.sizes}))
 
 
