@@ -3,8 +3,8 @@
 For each run: loads its checkpoint, rolls out the deterministic policy in every task, and
 writes to ``RUN_DIR/analysis`` ``routes.png`` (top-k routing graph per task), ``depth.png``
 (effective depth per task), ``temperatures.png`` (per-task alpha and routing temperature
-over training) and ``routing.json`` (per task: depth mean and histogram, modules run, router-logit
-spread, see :class:`LogitSpread`; the Kruskal-Wallis test of equal depth across tasks, see
+over training) and ``routing.json`` (per task: depth mean and histogram, modules run,
+router-logit spread, see :class:`LogitSpread`; the Kruskal-Wallis test of equal depth across tasks, see
 :class:`DepthTest`). With several runs (seeds of one setting, same tasks), ``--out``
 (default: their common parent) also gets ``depth_across_runs.md``: each task's mean depth
 in every run, so that a depth difference between tasks can be checked across seeds.
@@ -54,8 +54,8 @@ def analyse(run_dir: Path, out_dir: Path, episodes: int = 1) -> list[Path]:
 
 
 def _write_summary(stats: RoutingStatistics, tasks: tuple[str, ...], path: Path) -> Path:
-    """``routing.json``: per-task depth, modules run, states and within-task logit spread; global spreads
-    (``stats`` from :func:`routing_statistics`, which always measures the spread)."""
+    """``routing.json``: per-task depth, modules run, states and within-task logit spread;
+    global spreads (``stats`` from :func:`routing_statistics`, which always measures the spread)."""
     test = depth_test(stats.depth_histogram)
     summary = {
         "tasks": {
