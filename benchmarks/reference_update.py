@@ -5,19 +5,15 @@ Their package is also called ``torchrl``, so this script runs in its own process
 checkout first on ``sys.path``; ``bench_update.py --reference DIR`` starts it. Nothing of
 their code is part of this repository: pass a checkout of GitHub ``DarkDawn233/D2R_MTRL``.
 
-    python benchmarks/reference_update.py DIR [--sizes MT10 MT50] [--repeats 5] [--threads N]
     python benchmarks/reference_update.py DIR --serve MT10 [--threads N]
 
-Prints one JSON object ``{"MT10": ms, ...}`` (median over ``repeats`` after two warm-up
-updates) on its last line. With ``--serve SIZE`` it builds that size's update, prints
-``READY`` and then runs one update per line read from its standard input, answering each
-with ``MS <milliseconds>``, until the input closes: ``bench_update.py`` uses it so that
-the authors' updates take turns with ours.
+It builds that size's update, prints ``READY`` and then runs one update per line read from
+its standard input, answering each with ``MS <milliseconds>``, until the input closes:
+``bench_update.py`` sends the requests, so that the authors' updates take turns with ours.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -113,13 +109,6 @@ def timed_ms(update: Callable[[], None]) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
-def time_reference(num_tasks: int, batch_size: int, repeats: int) -> float:
-    """Median milliseconds of ``repeats`` updates after two warm-up updates."""
-    update = build_reference(num_tasks, batch_size)
-    times = [timed_ms(update) for _ in range(repeats + 2)][2:]
-    return sorted(times)[len(times) // 2]
-
-
 def serve(size: str) -> None:
     """Answer each line of standard input with one timed update (see the module docstring)."""
     update = build_reference(*SIZES[size])
@@ -131,20 +120,15 @@ def serve(size: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reference", help="checkout of DarkDawn233/D2R_MTRL")
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--serve", required=True, choices=list(SIZES), help="run updates of this size on request")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--serve", default=None, choices=list(SIZES), help="run updates of this size on request")
     args = parser.parse_args()
     sys.path.insert(0, args.reference)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.serve:
-        serve(args.serve)
-        return
-    print(json.dumps({size: time_reference(*SIZES[size], args.repeats) for size in args.sizes}))
+    serve(args.serve)
 
 
 if __name__ == "__main__":
