@@ -1,9 +1,10 @@
-"""Replay buffers for multi-task SAC: prioritized, per-task stratified, uniform.
+"""Replay buffers for multi-task SAC: prioritized per task, per-task stratified, prioritized, uniform.
 
 Stored keys: ``observation``, ``task_id``, ``action``, ``("routing", "path")`` (D2R) and
 ``next`` (``observation``, ``task_id``, ``reward``, ``done``, ``terminated``,
-``truncated``). :func:`prepare_transitions` selects them and, for the stratified sampler, lays a
-collected batch out task-interleaved (position ``p`` holds task ``p % T``).
+``truncated``). :func:`prepare_transitions` selects them and, for the per-task samplers
+(:class:`TaskStratifiedSampler`, :class:`TaskStratifiedPrioritizedSampler`), lays a collected
+batch out task-interleaved (position ``p`` holds task ``p % T``).
 
 Checkpoints (``buffer.dumps``) of a memory-mapped buffer keep the data where it is:
 :class:`InPlaceMemmapCheckpointer` flushes the files and records the length, and loading
@@ -27,7 +28,7 @@ from torchrl.data import (
     TensorDictReplayBuffer,
 )
 from torchrl.data.replay_buffers.checkpointers import StorageCheckpointerBase, TensorStorageCheckpointer
-from torchrl.data.replay_buffers.samplers import RandomSampler, Sampler
+from torchrl.data.replay_buffers.samplers import PrioritizedSampler, RandomSampler, Sampler
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
@@ -44,7 +45,7 @@ STORED_KEYS = (
     ("next", "terminated"),
     ("next", "truncated"),
 )
-BUFFER_KINDS = ("prioritized", "stratified", "uniform")
+BUFFER_KINDS = ("stratified_prioritized", "stratified", "prioritized", "uniform")
 
 
 def prepare_transitions(
@@ -172,6 +173,121 @@ class TaskStratifiedSampler(Sampler):
         pass
 
 
+def per_task_median(values: torch.Tensor, task: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Median of ``values`` ``[B]`` over each task's entries (``task`` ``[B]``) -> ``[T]``
+    (NaN for a task with no entry; the lower middle value for an even count)."""
+    order = torch.argsort(task, stable=True)
+    counts = torch.bincount(task, minlength=num_tasks)
+    first = torch.cumsum(counts, 0) - counts
+    sorted_task = task[order]
+    slot = torch.arange(task.numel(), device=task.device) - first[sorted_task]
+    table = values.new_full((num_tasks, int(counts.max())), float("nan"))
+    table[sorted_task, slot] = values[order]
+    return table.nanmedian(1).values
+
+
+class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
+    """Prioritized replay within each task; every task gets ``batch_size // T`` of the batch.
+
+    The storage layout is that of :class:`TaskStratifiedSampler` (position ``p`` holds task
+    ``p % T``; capacity a multiple of ``T``). TorchRL's sum and min trees hold the
+    priorities task-major instead: storage position ``p`` is tree position
+    ``(p % T) * C + p // T`` with ``C = capacity // T``, so the ``n = len(storage) // T``
+    stored rows of task ``t`` fill the tree range ``[t C, t C + n)`` and one scan of the
+    sum tree draws the whole batch (``batch_size // T`` masses uniform in each range).
+
+    Within task ``t``, with ``q_i = (p_i + eps) ** alpha``: ``P(i) = q_i / sum_t q`` and the
+    importance weight is ``(q_i / min_t q) ** -beta``, i.e. PER's ``(n P(i)) ** -beta``
+    divided by its largest value in the task.
+
+    Bounded priorities: each priority given to :meth:`update_priority` is capped at
+    ``max_priority_ratio`` times the median of the priorities given for the same task in
+    that call (a sampled batch brings ``batch_size // T`` per task), so however large its
+    TD error, a transition is drawn at most ``max_priority_ratio ** alpha`` times as often
+    as one at that median. New transitions get TorchRL's default, the largest priority
+    written so far. ``tests/test_replay.py`` checks the batch shares, the sampling
+    probabilities, the weights and the cap against direct computations.
+    """
+
+    def __init__(
+        self,
+        max_capacity: int,
+        num_tasks: int,
+        alpha: float,
+        beta: float,
+        *,
+        max_priority_ratio: float | None = 10.0,
+        eps: float = 1e-8,
+    ) -> None:
+        if max_capacity % num_tasks:
+            raise ValueError(f"capacity {max_capacity} is not a multiple of the {num_tasks} tasks.")
+        if max_priority_ratio is not None and max_priority_ratio < 1:
+            raise ValueError(f"max_priority_ratio must be >= 1 (or None for no cap), got {max_priority_ratio}.")
+        super().__init__(max_capacity, alpha, beta, eps=eps)
+        self.num_tasks = num_tasks
+        self.rows_per_task = max_capacity // num_tasks
+        self.max_priority_ratio = max_priority_ratio
+
+    def tree_index(self, index: torch.Tensor) -> torch.Tensor:
+        """Storage positions -> positions in the task-major trees."""
+        return (index % self.num_tasks) * self.rows_per_task + index // self.num_tasks
+
+    def sample(self, storage, batch_size: int) -> tuple[torch.Tensor, dict]:
+        if batch_size % self.num_tasks:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of the {self.num_tasks} tasks.")
+        rows = len(storage) // self.num_tasks
+        if rows == 0:
+            raise RuntimeError("Cannot sample from a replay buffer holding less than one row of tasks.")
+        per_task = batch_size // self.num_tasks
+        start = torch.arange(self.num_tasks) * self.rows_per_task
+        stop = start + rows
+        task_sum = torch.as_tensor(self._sum_tree.query(start, stop), dtype=torch.float64)
+        task_min = torch.as_tensor(self._min_tree.query(start, stop), dtype=torch.float64)
+        before = torch.cumsum(task_sum, 0) - task_sum  # the tree is zero outside the stored rows
+        uniform = torch.rand(per_task, self.num_tasks, dtype=torch.float64, generator=self._rng)
+        mass = (before + uniform * task_sum).flatten().to(torch.float32)  # the trees' dtype
+        found = torch.as_tensor(self._sum_tree.scan_lower_bound(mass))
+        found = torch.minimum(torch.maximum(found.view(per_task, -1), start), stop - 1)  # rounding at range ends
+        weight = (torch.as_tensor(self._sum_tree[found.flatten()]).view_as(found) / task_min).pow(-self._beta)
+        index = (found - start) * self.num_tasks + torch.arange(self.num_tasks)
+        return index.flatten(), {"priority_weight": weight.flatten().to(torch.float32)}
+
+    @torch.no_grad()
+    def update_priority(self, index, priority, *, storage=None) -> None:
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        priority = torch.as_tensor(priority, dtype=torch.float64).reshape(-1).expand(index.shape)
+        keep = index >= 0  # TorchRL marks entries not to update with -1
+        index, priority = index[keep], priority[keep]
+        if index.numel() == 0:
+            return
+        if self.max_priority_ratio is not None:
+            task = index % self.num_tasks
+            cap = self.max_priority_ratio * per_task_median(priority, task, self.num_tasks)
+            priority = torch.minimum(priority, cap[task])
+        super().update_priority(self.tree_index(index), priority.to(torch.float32))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_tasks={self.num_tasks}, alpha={self._alpha}, beta={self._beta}, "
+            f"max_priority_ratio={self.max_priority_ratio})"
+        )
+
+
+def task_interleaving(buffer: ReplayBuffer) -> int | None:
+    """``T`` when ``buffer``'s sampler needs the task-interleaved layout of
+    :func:`prepare_transitions` (the per-task samplers), else ``None``."""
+    sampler = buffer.sampler
+    if isinstance(sampler, (TaskStratifiedSampler, TaskStratifiedPrioritizedSampler)):
+        return sampler.num_tasks
+    return None
+
+
+def annealed_beta(start: float, final: float, progress: float) -> float:
+    """PER's importance-sampling exponent, linear from ``start`` to ``final`` as ``progress``
+    goes from 0 to 1 (clamped)."""
+    return start + (final - start) * min(max(progress, 0.0), 1.0)
+
+
 def make_replay_buffer(
     kind: str,
     *,
@@ -182,15 +298,24 @@ def make_replay_buffer(
     scratch_dir: str | None = None,
     priority_alpha: float = 0.6,
     priority_beta: float = 0.4,
+    max_priority_ratio: float | None = 10.0,
     device: torch.device | str = "cpu",
 ) -> TensorDictReplayBuffer:
     """A TorchRL replay buffer of ``kind`` in :data:`BUFFER_KINDS`.
 
+    * ``stratified_prioritized``: :class:`TaskStratifiedPrioritizedSampler` (every task its
+      share of the batch, priorities within a task, capped at ``max_priority_ratio`` times
+      the task's median);
+    * ``stratified``: :class:`TaskStratifiedSampler` (uniform within each task, as the reference);
+    * ``prioritized``: TorchRL's ``TensorDictPrioritizedReplayBuffer`` over all tasks;
+    * ``uniform``: uniform over all transitions.
+
     Capacity is rounded down to a multiple of ``num_tasks``; above ``memmap_above``
     transitions the storage is memory-mapped under ``scratch_dir`` (checkpointed in place by
-    :class:`InPlaceMemmapCheckpointer`). The prioritized buffer reads priorities from
-    ``td_error`` (written by the loss) and raises
-    :class:`~d2r_torchrl._extension.MissingExtensionError` when torchrl's compiled extension is missing.
+    :class:`InPlaceMemmapCheckpointer`). The prioritized buffers read priorities from
+    ``td_error`` (written by the loss), write importance weights to ``priority_weight``
+    (read by the loss) and raise :class:`~d2r_torchrl._extension.MissingExtensionError`
+    when torchrl's compiled extension is missing.
     """
     if kind not in BUFFER_KINDS:
         raise ValueError(f"Unknown buffer kind {kind!r}; accepted: {list(BUFFER_KINDS)}.")
@@ -203,16 +328,23 @@ def make_replay_buffer(
         checkpointer = TensorStorageCheckpointer()
         checkpointer.register_save_hook(_to_cpu)
     common = dict(storage=storage, batch_size=batch_size, prefetch=None)
-    if kind == "prioritized":
+    if kind in ("prioritized", "stratified_prioritized"):
         from d2r_torchrl._extension import require_torchrl_extension
 
         require_torchrl_extension()
+    if kind == "prioritized":
         buffer = TensorDictPrioritizedReplayBuffer(
             alpha=priority_alpha, beta=priority_beta, priority_key="td_error", **common
         )
     else:
-        sampler = TaskStratifiedSampler(num_tasks) if kind == "stratified" else RandomSampler()
-        buffer = TensorDictReplayBuffer(sampler=sampler, **common)
+        samplers = {
+            "stratified_prioritized": lambda: TaskStratifiedPrioritizedSampler(
+                capacity, num_tasks, priority_alpha, priority_beta, max_priority_ratio=max_priority_ratio
+            ),
+            "stratified": lambda: TaskStratifiedSampler(num_tasks),
+            "uniform": RandomSampler,
+        }
+        buffer = TensorDictReplayBuffer(sampler=samplers[kind](), priority_key="td_error", **common)
     buffer.storage.checkpointer = checkpointer  # after the buffer's set-up, which installs the default one
     return buffer
 

@@ -174,6 +174,7 @@ def make_buffer(config: RunConfig, num_tasks: int, scratch_dir: str | None, devi
         scratch_dir=scratch_dir,
         priority_alpha=config.buffer.priority_alpha,
         priority_beta=config.buffer.priority_beta,
+        max_priority_ratio=config.buffer.max_priority_ratio,
         device=device,
     )
 

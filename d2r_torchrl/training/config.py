@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 ALGORITHMS = ("d2r", "soft_modular", "mt_sac", "mh_sac")
 COLLECTORS = ("sync", "multi_sync", "multi_async", "ray")
-BUFFERS = ("prioritized", "stratified", "uniform")
+BUFFERS = ("stratified_prioritized", "stratified", "prioritized", "uniform")
 WARMUP_POLICIES = ("policy", "random")
 LOGGERS = ("csv", "tensorboard", "wandb")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -89,7 +89,12 @@ class BufferConfig:
     batch_size_per_task: int = 128
     memmap_above: int = 2_000_000
     priority_alpha: float = 0.6
+    # the importance-sampling exponent, annealed linearly from priority_beta to
+    # priority_beta_final over the frames after the warm-up
     priority_beta: float = 0.4
+    priority_beta_final: float = 1.0
+    # stratified_prioritized: a TD priority is capped at this times its task's median in the batch
+    max_priority_ratio: typing.Optional[float] = 10.0
     # An in-memory buffer is saved in every checkpoint (exact resume) or, when false, left out
     # and refilled after resuming. A memory-mapped one always resumes from its files.
     in_checkpoint: bool = True
@@ -332,6 +337,11 @@ def validate(config: RunConfig) -> RunConfig:
         config.network.top_k <= config.network.num_modules,
         f"network.top_k={config.network.top_k} must not exceed network.num_modules={config.network.num_modules}.",
     )
+    for key in ("priority_alpha", "priority_beta", "priority_beta_final"):
+        value = getattr(config.buffer, key)
+        _require(0 <= value <= 1, f"buffer.{key} must be in [0, 1], got {value}.")
+    ratio = config.buffer.max_priority_ratio
+    _require(ratio is None or ratio >= 1, f"buffer.max_priority_ratio must be >= 1 or none, got {ratio}.")
     _require(0 < config.loss.gamma <= 1, f"loss.gamma must be in (0, 1], got {config.loss.gamma}.")
     _require(
         0 < config.loss.target_update_tau <= 1,
@@ -344,8 +354,8 @@ def validate(config: RunConfig) -> RunConfig:
         "(each worker steps an equal slice of them).",
     )
     _require(
-        not (config.buffer.kind == "stratified" and config.collector.kind == "multi_async"),
-        "buffer.kind=stratified needs every task in every collected batch; use collector.kind "
+        not (config.buffer.kind.startswith("stratified") and config.collector.kind == "multi_async"),
+        f"buffer.kind={config.buffer.kind} needs every task in every collected batch; use collector.kind "
         "'sync' or 'multi_sync' with it.",
     )
     warmup_frames = config.collector.warmup_rounds * config.collector.steps_per_task * len(tasks)

@@ -17,7 +17,16 @@ from tensordict import TensorDictBase
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger, WandbLogger
 
 import d2r_torchrl
-from d2r_torchrl.data.replay import example_transitions, is_memory_mapped, prepare_transitions, transition_bytes
+from torchrl.data.replay_buffers.samplers import PrioritizedSampler
+
+from d2r_torchrl.data.replay import (
+    annealed_beta,
+    example_transitions,
+    is_memory_mapped,
+    prepare_transitions,
+    task_interleaving,
+    transition_bytes,
+)
 from d2r_torchrl.modules.actor_critic import num_route_logits
 from d2r_torchrl.training import builders, checkpointing, preflight, signals
 from d2r_torchrl.training.config import RESUME_OVERRIDES, ConfigError, RunConfig, apply_overrides, validate
@@ -84,7 +93,9 @@ class Trainer:
         self.num_route_logits = num_route_logits(self.actor)
         self.buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
         self._check_disk()
-        self.interleave_tasks = self.num_tasks if config.buffer.kind == "stratified" else None
+        self.interleave_tasks = task_interleaving(self.buffer)
+        self.prioritized = isinstance(self.buffer.sampler, PrioritizedSampler)
+        self._beta_start = self.buffer.sampler.beta if self.prioritized else None
         self.counters = checkpointing.Counters()
         components = {"loss": self.loss, "counters": self.counters}
         components.update({f"optim_{name}": opt for name, opt in self.optimizers.items()})
@@ -182,11 +193,21 @@ class Trainer:
             losses = self._update_fn(batch)
         except NonFiniteLossError as error:
             raise self._non_finite(error) from None
-        if self.config.buffer.kind == "prioritized":
+        if self.prioritized:
             batch.set(self.loss.tensor_keys.priority, losses.get(self.loss.tensor_keys.priority))
             self.buffer.update_tensordict_priority(batch)
         self.counters.updates += 1
         return losses
+
+    def priority_beta(self) -> float:
+        """PER's importance-sampling exponent for the next updates: linear from the buffer's
+        initial ``beta`` to ``buffer.priority_beta_final`` over the frames after the warm-up
+        (a function of the frame counter, so a resumed run continues the schedule)."""
+        cfg = self.config.collector
+        warmup = cfg.warmup_rounds * cfg.steps_per_task * self.num_tasks
+        total = cfg.total_steps_per_task * self.num_tasks
+        progress = (self.counters.frames - warmup) / max(total - warmup, 1)
+        return annealed_beta(self._beta_start, self.config.buffer.priority_beta_final, progress)
 
     def _non_finite(self, error: NonFiniteLossError) -> NonFiniteLossError:
         return NonFiniteLossError(
@@ -274,6 +295,8 @@ class Trainer:
         threshold (``train/masked_updates``)."""
         started, done, losses = time.perf_counter(), 0, None
         masked = torch.zeros(self.num_tasks, device=self.device)
+        if self.prioritized:
+            self.buffer.sampler.beta = self.priority_beta()
         while self.counters.pending_updates and self._stop_signal is None:
             losses = self.update()
             masked += losses["task_masked"]
