@@ -27,8 +27,8 @@ from d2r_torchrl.modules import (
     make_critic,
     set_routing_mode,
 )
-from d2r_torchrl.modules import d2r as d2r_module
-from d2r_torchrl.modules.module_chain import ChainKernels, chain_kernels
+from d2r_torchrl.modules import d2r_spec
+from d2r_torchrl.modules.native_chain import load_native_chain
 from d2r_torchrl.modules.routing import GateLayout, select_routes
 
 IN, TASKS, OUT = 6, 3, 4
@@ -376,50 +376,68 @@ def test_res_routing_cuts_non_endorsed_module_weights() -> None:
         assert grads[name].abs().max() > 0, name
 
 
-@pytest.mark.parametrize("case", [_forced_case, _random_case], ids=["forced", "random"])
+CASES = pytest.mark.parametrize("case", [_forced_case, _random_case], ids=["forced", "random"])
+
+
+@CASES
 @pytest.mark.parametrize("res_routing", [True, False])
-@pytest.mark.parametrize("kernels", ["eager", "compiled_kernels", "native"])
-def test_gradients_match_a_gate_by_gate_implementation(case, res_routing: bool, kernels: str) -> None:
+def test_the_specification_follows_the_equations(case, res_routing: bool) -> None:
+    """:mod:`~d2r_torchrl.modules.d2r_spec` (dense masks, stacked outputs) against METHOD.md
+    written out source by source: outputs and every parameter's gradient, float64."""
     net, features, task_id, route = case()
     net.res_routing = res_routing
-    net.compile_chain = kernels == "compiled_kernels"
-    net.native_chain = kernels == "native"
+    net.train()
+    direction = torch.randn(len(features), OUT, dtype=torch.float64)
+    out = d2r_spec.network_forward(net, features, task_id, route)
+    expected_out = reference_forward(net, features, task_id, route, res_routing)
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    grads, expected = _gradients(net, out, direction), _gradients(net, expected_out, direction)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    if res_routing:  # ResRouting changed some gradient
+        plain = _gradients(net, reference_forward(net, features, task_id, route, False), direction)
+        assert any(not torch.allclose(plain[name], grads[name]) for name in grads)
+
+
+@CASES
+@pytest.mark.parametrize("res_routing", [True, False])
+@pytest.mark.parametrize("chain", ["pytorch", "native"])
+def test_gradients_match_a_gate_by_gate_implementation(case, res_routing: bool, chain: str) -> None:
+    """The network's paths (routing slots and :class:`ModuleChain`, per gate or native)
+    against the specification along the same behaviour route, float64."""
+    net, features, task_id, route = case()
+    net.res_routing = res_routing
+    net.native_chain = chain == "native"
     net.train()
     direction = torch.randn(len(features), OUT, dtype=torch.float64)
     with set_routing_mode("behaviour"):
-        out = net(features, task_id, route)[0]
+        out, _, replayed = net(features, task_id, route)
+    assert torch.equal(replayed, route)
     grads = _gradients(net, out, direction)
-    expected_out = reference_forward(net, features, task_id, route, res_routing)
+    expected_out = d2r_spec.network_forward(net, features, task_id, route)
     expected = _gradients(net, expected_out, direction)
     torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
-    if res_routing:
-        plain = _gradients(net, reference_forward(net, features, task_id, route, False), direction)
-        assert any(not torch.allclose(plain[name], grads[name]) for name in grads)
-    if kernels == "compiled_kernels":  # the compiled kernels ran (no fallback to the eager ones)
-        compiled = chain_kernels(compiled=True)
-        assert compiled.backward_gate.compiled is not None and compiled.send_back.compiled is not None
-    if kernels == "native":  # the extension was built (no fallback to the per-gate path)
-        assert chain_kernels(compiled=False, native=True).native is not None
+    if chain == "native":  # the extension was built (no fallback to the PyTorch path)
+        assert load_native_chain() is not None
 
 
-def test_chain_kernels_fall_back_to_eager_when_compiling_fails(monkeypatch) -> None:
-    def broken_compiler(graph, example_inputs):
-        raise RuntimeError("no C++ compiler")
+def test_the_specification_runs_under_vmap() -> None:
+    """Twin networks through :func:`torch.vmap` of the specification equal each network."""
+    nets = [small_net(seed) for seed in (0, 1)]
+    features, task_id = batch(8)
+    with torch.no_grad(), set_routing_mode("topk"):
+        route = nets[0](features, task_id)[2]
+    params = TensorDict.from_modules(*nets)
 
-    net, features, task_id, route = _random_case()
-    net.train()
-    direction = torch.randn(len(features), OUT, dtype=torch.float64)
-    with set_routing_mode("behaviour"):
-        expected = _gradients(net, net(features, task_id, route)[0], direction)
-    kernels = ChainKernels(compiled=True, backend=broken_compiler)
-    monkeypatch.setattr(d2r_module, "chain_kernels", lambda compiled, native: kernels)
-    with pytest.warns(UserWarning, match="run eagerly: compiling (send_back|backward_gate) failed"), set_routing_mode("behaviour"):
-        grads = _gradients(net, net(features, task_id, route)[0], direction)
-    assert kernels.send_back.compiled is None and kernels.backward_gate.compiled is None
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected[name], msg=name)
+    def call(p: TensorDict) -> torch.Tensor:
+        with p.to_module(nets[0]):
+            return d2r_spec.network_forward(nets[0], features, task_id, route)
+
+    stacked = torch.vmap(call)(params)
+    for i, net in enumerate(nets):
+        torch.testing.assert_close(stacked[i], d2r_spec.network_forward(net, features, task_id, route))
 
 
 # --------------------------------------------------------------------------- TorchRL

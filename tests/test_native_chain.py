@@ -1,9 +1,10 @@
-"""The native CPU pass of the D2R module chain against the per-gate Python path.
+"""The D2R module chain's two paths, PyTorch per gate and native on the CPU, against the
+specification (:func:`~d2r_torchrl.modules.d2r_spec.module_chain`) and each other.
 
-``test_gradients_match_a_gate_by_gate_implementation[...-native]`` (test_d2r_network.py)
-checks the native pass against METHOD.md's equations written out gate by gate; these tests
-cover what that small network does not: several members, ragged sample blocks, float32,
-detached parameters, threads, vmapped ensembles, and the fallbacks.
+``test_gradients_match_a_gate_by_gate_implementation`` (test_d2r_network.py) checks both
+paths inside a whole network; these tests cover what that small network does not: several
+members, ragged sample blocks, float32, detached parameters, threads, vmapped ensembles,
+and the fallbacks.
 """
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ import torch
 
 import d2r_torchrl.modules.native_chain as native_chain
 from d2r_torchrl.modules.actor_critic import make_critic
-from d2r_torchrl.modules.module_chain import NATIVE_BLOCK, ChainKernels, chain_kernels, run_chain
+from d2r_torchrl.modules.d2r_spec import module_chain
+from d2r_torchrl.modules.module_chain import NATIVE_BLOCK, run_chain
 from d2r_torchrl.modules.routing import set_routing_mode
 from tensordict import TensorDict
-
-NATIVE = chain_kernels(compiled=False, native=True)
 
 
 def chain_inputs(
@@ -38,14 +38,48 @@ def chain_inputs(
     return dict(first=first, index=index, weight=weight.requires_grad_(), endorsed=endorsed, params=params)
 
 
-def run_with_gradients(inputs: dict, kernels: ChainKernels, direction: torch.Tensor) -> list[torch.Tensor]:
+def run_with_gradients(inputs: dict, native: bool, direction: torch.Tensor) -> list[torch.Tensor]:
     """The chain's output and the gradients of ``(output * direction).sum()`` w.r.t. every
     differentiable input that requires one."""
     output = run_chain(
-        inputs["first"], inputs["index"], inputs["weight"], inputs["endorsed"], *inputs["params"], kernels
+        inputs["first"], inputs["index"], inputs["weight"], inputs["endorsed"], *inputs["params"], native=native
     )
+    return [output, *_gradients(output, inputs, direction)]
+
+
+def specified(inputs: dict, direction: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`run_with_gradients` of the specification: the slots scattered into dense
+    ``[E, B, N, N]`` weights (repeated sources add up) and endorsement, members under vmap."""
+    index, weight, endorsed = (t.movedim(0, 2) if t is not None else None
+                               for t in (inputs["index"], inputs["weight"], inputs["endorsed"]))
+    modules = index.shape[-2]
+    dense = weight.new_zeros(*weight.shape[:-1], modules).scatter_add(-1, index, weight)
+    if endorsed is not None:
+        endorsed = torch.zeros(dense.shape, dtype=torch.bool).scatter(-1, index, endorsed.bool())
+    output = torch.vmap(module_chain, (0, 0, None if endorsed is None else 0, 0, 0))(
+        inputs["first"], dense, endorsed, *inputs["params"]
+    )
+    return [output, *_gradients(output, inputs, direction)]
+
+
+def _gradients(output: torch.Tensor, inputs: dict, direction: torch.Tensor) -> tuple[torch.Tensor, ...]:
     wrt = [t for t in (inputs["first"], inputs["weight"], *inputs["params"]) if t.requires_grad]
-    return [output, *torch.autograd.grad((output * direction).sum(), wrt)]
+    return torch.autograd.grad((output * direction).sum(), wrt)
+
+
+@pytest.mark.parametrize("res_routing", [True, False])
+@pytest.mark.parametrize("native", [False, True], ids=["pytorch", "native"])
+def test_chain_paths_match_the_specification(res_routing: bool, native: bool) -> None:
+    """Both paths against the specification, float64: 2 members, 3 slots per gate (gates 0
+    and 1 repeat a source), a ragged native block; endorsement given per source (a slot
+    repeating a source repeats its endorsement, as routing gives it)."""
+    inputs = chain_inputs(2, NATIVE_BLOCK + 9, 8, 6, 3, torch.float64, False)
+    if res_routing:  # per (gate, member, sample, source), read at each slot
+        per_source = torch.rand(*inputs["index"].shape[:-1], 6, generator=torch.Generator().manual_seed(5)) > 0.4
+        inputs["endorsed"] = per_source.gather(-1, inputs["index"]).double()
+    direction = torch.randn(2, NATIVE_BLOCK + 9, 8, dtype=torch.float64)
+    for got, want in zip(run_with_gradients(inputs, native, direction), specified(inputs, direction), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("width", [16, 12])  # 12: the matrices' transpose has partial tiles
@@ -56,9 +90,9 @@ def test_native_pass_matches_the_per_gate_path(res_routing: bool, dtype: torch.d
     batch = 2 * NATIVE_BLOCK + 22
     inputs = chain_inputs(3, batch, width, 6, 3, dtype, res_routing)
     direction = torch.randn(3, batch, width, dtype=dtype)
-    assert NATIVE.native is not None, "the native extension could not be built"
-    expected = run_with_gradients(inputs, chain_kernels(compiled=False), direction)
-    native = run_with_gradients(inputs, NATIVE, direction)
+    assert native_chain.load_native_chain() is not None, "the native extension could not be built"
+    expected = run_with_gradients(inputs, False, direction)
+    native = run_with_gradients(inputs, True, direction)
     tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     for got, want in zip(native, expected, strict=True):
         torch.testing.assert_close(got, want, **tolerance)
@@ -78,8 +112,8 @@ def test_native_pass_skips_the_modules_a_route_does_not_reach(res_routing: bool)
     poisoned[1][:, -1] = float("nan")
     finite = [module_weight.clone().requires_grad_(), module_bias.clone().requires_grad_()]
     direction = torch.randn(2, NATIVE_BLOCK + 9, 8, dtype=torch.float64)
-    expected = run_with_gradients({**inputs, "params": finite}, chain_kernels(compiled=False), direction)
-    native = run_with_gradients({**inputs, "params": [p.requires_grad_() for p in poisoned]}, NATIVE, direction)
+    expected = run_with_gradients({**inputs, "params": finite}, False, direction)
+    native = run_with_gradients({**inputs, "params": [p.requires_grad_() for p in poisoned]}, True, direction)
     assert (expected[-1][:, -1] == 0).all() and (expected[-2][:, -1] == 0).all()  # no gradient reaches it
     for got, want in zip(native, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -89,8 +123,8 @@ def test_native_pass_with_detached_parameters_returns_no_parameter_gradients() -
     inputs = chain_inputs(2, 40, 8, 5, 2, torch.float64, True)
     inputs["params"] = [p.detach() for p in inputs["params"]]
     direction = torch.randn(2, 40, 8, dtype=torch.float64)
-    expected = run_with_gradients(inputs, chain_kernels(compiled=False), direction)
-    native = run_with_gradients(inputs, NATIVE, direction)
+    expected = run_with_gradients(inputs, False, direction)
+    native = run_with_gradients(inputs, True, direction)
     assert len(native) == 3  # output, first, weight
     for got, want in zip(native, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -103,9 +137,9 @@ def test_native_pass_gives_the_same_result_on_two_threads(dtype: torch.dtype) ->
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run_with_gradients(inputs, NATIVE, direction)
+        one = run_with_gradients(inputs, True, direction)
         torch.set_num_threads(2)
-        two = run_with_gradients(inputs, NATIVE, direction)
+        two = run_with_gradients(inputs, True, direction)
     finally:
         torch.set_num_threads(threads)
     # only the parameter gradients' per-thread partial sums are added in another order
@@ -156,10 +190,10 @@ def test_native_pass_steps_aside_under_torch_compile() -> None:
     to the compiler): one graph, the same values and gradients."""
     inputs = chain_inputs(1, 20, 8, 4, 2, torch.float32, True)
     direction = torch.randn(1, 20, 8)
-    expected = run_with_gradients(inputs, NATIVE, direction)
+    expected = run_with_gradients(inputs, True, direction)
 
     def step(first, weight, *params):
-        out = run_chain(first, inputs["index"], weight, inputs["endorsed"], *params, NATIVE)
+        out = run_chain(first, inputs["index"], weight, inputs["endorsed"], *params, native=True)
         return (out * direction).sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -183,12 +217,11 @@ def test_an_extension_that_cannot_be_built_warns_and_leaves_the_per_gate_path(mo
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once
         assert native_chain.load_native_chain() is None
-    kernels = ChainKernels(compiled=False, native=native_chain.load_native_chain())
     inputs = chain_inputs(1, 12, 8, 4, 2, torch.float64, True)
     direction = torch.randn(1, 12, 8, dtype=torch.float64)
     for got, want in zip(
-        run_with_gradients(inputs, kernels, direction),
-        run_with_gradients(inputs, chain_kernels(compiled=False), direction),
+        run_with_gradients(inputs, True, direction),
+        run_with_gradients(inputs, False, direction),
         strict=True,
     ):
         torch.testing.assert_close(got, want)
@@ -200,4 +233,4 @@ def test_native_pass_rejects_a_gate_reading_a_later_module() -> None:
     inputs = chain_inputs(1, 10, 8, 4, 2, torch.float32, False)
     inputs["index"][1, 0, 7, 1] = 3  # gate 1 may read modules 0 and 1
     with pytest.raises(RuntimeError, match="gate 1 reads module 3; a gate can only read modules 0..1"):
-        run_chain(inputs["first"], inputs["index"], inputs["weight"], None, *inputs["params"], NATIVE)
+        run_chain(inputs["first"], inputs["index"], inputs["weight"], None, *inputs["params"], native=True)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from d2r_torchrl.modules.init import hidden_linear, init_hidden, mlp, output_linear
-from d2r_torchrl.modules.module_chain import chain_kernels, run_chain
+from d2r_torchrl.modules.module_chain import run_chain
 from d2r_torchrl.modules.routing import GateLayout, route_slots, routing_mode
 from d2r_torchrl.modules.task_conditioning import TaskEmbedding, check_features, flatten_task_id
 
@@ -24,13 +24,10 @@ class D2RNetwork(nn.Module):
         router_widths: hidden widths of the router MLP.
         res_routing: apply ResRouting when the module is in training mode and
             gradients are recorded (forward values are unchanged either way).
-        compile_chain: run the module chain's per-gate kernels compiled with
-            ``torch.compile`` (:class:`~d2r_torchrl.modules.module_chain.ChainKernels`);
-            an attribute, so it can be switched after construction.
         native_chain: on the CPU, run the module chain as one native pass per direction
             and pick routes with the native routing pass (:mod:`~d2r_torchrl.modules.native_chain`;
-            the torch path runs on CUDA, under ``torch.compile`` or if it cannot be built);
-            an attribute too.
+            the PyTorch path runs on CUDA, under ``torch.compile`` or if it cannot be built);
+            an attribute, so it can be switched after construction.
 
     ``forward(features [*B, in], task_id [*B] or [*B, 1], behaviour_route [*B, L] bool)``
     returns ``(out [*B, out], logits [*B, L], route [*B, L] bool)`` with
@@ -57,7 +54,6 @@ class D2RNetwork(nn.Module):
         encoder_widths: tuple[int, ...] = (400, 400),
         router_widths: tuple[int, ...] = (256, 256),
         res_routing: bool = True,
-        compile_chain: bool = False,
         native_chain: bool = True,
     ) -> None:
         super().__init__()
@@ -66,7 +62,6 @@ class D2RNetwork(nn.Module):
         self.in_features = in_features
         self.num_tasks = num_tasks
         self.res_routing = res_routing
-        self.compile_chain = compile_chain
         self.native_chain = native_chain
         self.layout = GateLayout(num_modules, top_k)
         embed_width = encoder_widths[-1]
@@ -150,7 +145,7 @@ class D2RNetwork(nn.Module):
             None if endorsed is None else chain_layout(endorsed.to(weights.dtype)),
             self.module_weight.unsqueeze(0),
             self.module_bias.unsqueeze(0),
-            chain_kernels(self.compile_chain, self.native_chain),
+            self.native_chain,
         )
         return mixed.reshape(*batch_shape, width)
 
