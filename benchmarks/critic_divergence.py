@@ -40,7 +40,7 @@ STATISTICS = ("td_mean", "td_max", "masked", "task_loss", "critic_loss", "entrop
 def continue_copy(source: Path, out: Path, overrides: list[str], steps: int) -> Trainer:
     """A copy of ``source`` in ``out`` with ``overrides`` applied, resumed from its checkpoint."""
     config = RunConfig.from_dict(json.loads((source / "config.json").read_text()))
-    apply_overrides(config, [*overrides, f"collector.total_steps_per_task={steps}", f"log.root={out.parent}", f"log.name={out.name}"])
+    config = apply_overrides(config, [*overrides, f"collector.total_steps_per_task={steps}", f"log.root={out.parent}", f"log.name={out.name}"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     shutil.copy(source / CHECKPOINT_NAME, out / CHECKPOINT_NAME)

@@ -127,6 +127,8 @@ def _other(storage: str) -> str:
     [
         ("prioritized", "memmap"),
         ("stratified", "memory"),
+        ("stratified_prioritized", "memmap"),
+        pytest.param("stratified_prioritized", "memory", marks=pytest.mark.slow),
         pytest.param("prioritized", "memory", marks=pytest.mark.slow),
         pytest.param("stratified", "memmap", marks=pytest.mark.slow),
         pytest.param("uniform", "memory", marks=pytest.mark.slow),

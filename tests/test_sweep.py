@@ -69,10 +69,12 @@ def test_run_folders_decide_skip_resume_or_refuse(tmp_path):
     [other] = plan_sweep(tmp_path, ["mt_sac"], [0], ["MT10"], ["loss.gamma=0.5", "buffer.kind=uniform"])
     refused = _prepare(other)
     assert refused.status == "failed" and "buffer.kind, loss.gamma" in refused.error
-    # keys a resumed run may change (device, compile.*) are no mismatch, nor one the saved config lacks
+    # keys a resumed run may change (device, compile.*) are no mismatch, nor one the saved config
+    # lacks (added since), nor one that no longer exists
     saved = run.config.to_dict()
     saved["device"] = "cuda"
-    del saved["compile"]["chain_kernels"]
+    del saved["buffer"]["max_priority_ratio"]
+    saved["compile"]["chain_kernels"] = False
     (run.run_dir / "config.json").write_text(json.dumps(saved))
     assert config_mismatch(run) == []
     # a larger budget (a key a resumed run may change) continues a finished run

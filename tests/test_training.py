@@ -117,7 +117,7 @@ def test_corrupt_checkpoint_raises_and_is_left_untouched(tmp_path):
 
 @pytest.mark.parametrize(
     "collector,buffer",
-    [("sync", "stratified"), ("multi_sync", "prioritized"), ("multi_async", "uniform")],
+    [("sync", "stratified"), ("multi_sync", "prioritized"), ("multi_async", "uniform"), ("sync", "stratified_prioritized")],
 )
 def test_each_collector_and_buffer_runs_updates(tmp_path, collector, buffer):
     config = tiny_config(

@@ -52,7 +52,6 @@ LEARNING_EASY_CPU = (
     "eval.episodes_per_task=10",
     "log.checkpoint_interval_rounds=5",
     "buffer.in_checkpoint=true",
-    "compile.chain_kernels=true",  # one torch thread per run: they pay where the native chain cannot be built
 )
 # The same tasks with fixed goals (one goal per task, the setting of the MT10 numbers
 # published with fixed goals), 15k steps per task; a deterministic policy repeats its
@@ -138,11 +137,10 @@ def plan_sweep(
         for method in methods:
             for seed in seeds:
                 config = preset(method, "MT50" if benchmark == "MT50" else "MT10")  # MT10's for a task list
-                run = SweepRun(method, benchmark, seed, config)
-                per_run = [f"env.benchmark={benchmark}", f"seed={seed}", f"log.root={out}", f"log.name={run.name}"]
-                apply_overrides(config, [*BASE_OVERRIDES, *overrides, *per_run])
-                validate(config)  # here, before any task starts
-                runs.append(run)
+                name = SweepRun(method, benchmark, seed, config).name
+                per_run = [f"env.benchmark={benchmark}", f"seed={seed}", f"log.root={out}", f"log.name={name}"]
+                config = validate(apply_overrides(config, [*BASE_OVERRIDES, *overrides, *per_run]))  # before any task starts
+                runs.append(SweepRun(method, benchmark, seed, config))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"Duplicate runs in the sweep: {sorted({n for n in names if names.count(n) > 1})}.")

@@ -79,7 +79,6 @@ def network_kwargs(config: RunConfig) -> dict:
             num_modules=net.num_modules,
             module_width=net.module_width,
             top_k=net.top_k,
-            compile_chain=config.compile.chain_kernels,
             native_chain=config.compile.native_chain,
         )
     if net.architecture == "soft_modular":

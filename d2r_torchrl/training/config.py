@@ -1,7 +1,9 @@
-"""Run configuration: dataclass sections, reference presets and dotted overrides.
+"""Run configuration: dataclass sections (OmegaConf structured configs), reference presets,
+dotted overrides and the project's rules on values.
 
 Override any field from the command line as ``section.field=value``
-(``loss.gamma=0.98``, ``env.benchmark=MT50``, ``loss.max_log_alpha=none``).
+(``loss.gamma=0.98``, ``env.benchmark=MT50``, ``loss.max_log_alpha=none``); OmegaConf checks
+keys and types, :func:`validate` the choices, ranges and rules between fields.
 """
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 ALGORITHMS = ("d2r", "soft_modular", "mt_sac", "mh_sac")
 COLLECTORS = ("sync", "multi_sync", "multi_async", "ray")
@@ -27,74 +32,93 @@ RESUME_OVERRIDES = (
     "compile.mode",
     "compile.backend",
     "compile.cudagraphs",
-    "compile.chain_kernels",
     "compile.native_chain",
 )
+# Keys of earlier versions, ignored in the config.json of older runs.
+REMOVED_KEYS = ("compile.chain_kernels",)
 
 
 class ConfigError(ValueError):
     """A configuration key or value is not accepted."""
 
 
+# Rules on single values, kept in each field's metadata and checked by validate().
+POSITIVE = (lambda value: value > 0, "must be positive")
+NON_NEGATIVE = (lambda value: value >= 0, "must be >= 0")
+UNIT_INTERVAL = (lambda value: 0 <= value <= 1, "must be in [0, 1]")
+RATE = (lambda value: 0 < value <= 1, "must be in (0, 1]")
+ONE_OR_MORE = (lambda value: value is None or value >= 1, "must be >= 1 or none")
+
+
+def ruled(default: Any, rule: tuple) -> Any:
+    """A dataclass field with ``default`` whose value must satisfy ``rule``."""
+    return field(default=default, metadata={"rule": rule})
+
+
+def choice(default: Any, accepted: Sequence[Any]) -> Any:
+    """A dataclass field with ``default`` whose value must be one of ``accepted``."""
+    return ruled(default, (lambda value: value in accepted, f"is not accepted; accepted: {list(accepted)}"))
+
+
 @dataclass
 class EnvConfig:
     benchmark: str = "MT10"
     goals: str = "random"
-    max_episode_steps: int = 200
-    reward_scale: float = 0.1
+    max_episode_steps: int = ruled(200, POSITIVE)
+    reward_scale: float = ruled(0.1, POSITIVE)
     reward_function_version: str = "v2"
     execution: str = "serial"
 
 
 @dataclass
 class NetworkConfig:
-    architecture: str = "d2r"
-    num_modules: int = 16
-    module_width: int = 128
-    top_k: int = 2
-    soft_modular_preset: str = "shallow"
+    architecture: str = choice("d2r", ALGORITHMS)
+    num_modules: int = ruled(16, POSITIVE)
+    module_width: int = ruled(128, POSITIVE)
+    top_k: int = ruled(2, POSITIVE)
+    soft_modular_preset: str = choice("shallow", ("shallow", "deep"))
 
 
 @dataclass
 class LossConfig:
-    gamma: float = 0.99
+    gamma: float = ruled(0.99, RATE)
     loss_balancing: bool = True
-    alpha_init: float = 1.0
+    alpha_init: float = ruled(1.0, POSITIVE)
     max_log_alpha: typing.Optional[float] = 0.0
     extreme_loss_threshold: typing.Optional[float] = 3000.0
     extreme_loss_rule: str = "clip"
     time_limit_terminal: bool = False
-    target_update_tau: float = 0.005
-    actor_lr: float = 3e-4
-    critic_lr: float = 3e-4
-    alpha_lr: float = 1e-4
+    target_update_tau: float = ruled(0.005, RATE)
+    actor_lr: float = ruled(3e-4, POSITIVE)
+    critic_lr: float = ruled(3e-4, POSITIVE)
+    alpha_lr: float = ruled(1e-4, POSITIVE)
     grad_clip_norm: typing.Optional[float] = 1.0
 
 
 @dataclass
 class CollectorConfig:
-    kind: str = "sync"
-    num_workers: int = 2
-    steps_per_task: int = 200
-    updates_per_round: int = 200
-    warmup_rounds: int = 20
-    warmup_policy: str = "policy"
-    total_steps_per_task: int = 1_500_000
+    kind: str = choice("sync", COLLECTORS)
+    num_workers: int = ruled(2, POSITIVE)
+    steps_per_task: int = ruled(200, POSITIVE)
+    updates_per_round: int = ruled(200, NON_NEGATIVE)
+    warmup_rounds: int = ruled(20, NON_NEGATIVE)
+    warmup_policy: str = choice("policy", WARMUP_POLICIES)
+    total_steps_per_task: int = ruled(1_500_000, POSITIVE)
 
 
 @dataclass
 class BufferConfig:
-    kind: str = "stratified"  # the reference's sampler: uniform within each task
-    capacity: int = 1_000_000
-    batch_size_per_task: int = 128
+    kind: str = choice("stratified", BUFFERS)  # the reference's sampler: uniform within each task
+    capacity: int = ruled(1_000_000, POSITIVE)
+    batch_size_per_task: int = ruled(128, POSITIVE)
     memmap_above: int = 2_000_000
-    priority_alpha: float = 0.6
+    priority_alpha: float = ruled(0.6, UNIT_INTERVAL)
     # the importance-sampling exponent, annealed linearly from priority_beta to
     # priority_beta_final over the frames after the warm-up
-    priority_beta: float = 0.4
-    priority_beta_final: float = 1.0
+    priority_beta: float = ruled(0.4, UNIT_INTERVAL)
+    priority_beta_final: float = ruled(1.0, UNIT_INTERVAL)
     # stratified_prioritized: a TD priority is capped at this times its task's median in the batch
-    max_priority_ratio: typing.Optional[float] = 10.0
+    max_priority_ratio: typing.Optional[float] = ruled(10.0, ONE_OR_MORE)
     # An in-memory buffer is saved in every checkpoint (exact resume) or, when false, left out
     # and refilled after resuming. A memory-mapped one always resumes from its files.
     in_checkpoint: bool = True
@@ -102,16 +126,16 @@ class BufferConfig:
 
 @dataclass
 class EvalConfig:
-    interval_rounds: int = 50
-    episodes_per_task: int = 32
+    interval_rounds: int = ruled(50, POSITIVE)
+    episodes_per_task: int = ruled(32, NON_NEGATIVE)
 
 
 @dataclass
 class LogConfig:
-    backend: str = "csv"
+    backend: str = choice("csv", LOGGERS)
     root: str = "runs"
     name: str = ""
-    checkpoint_interval_rounds: int = 50
+    checkpoint_interval_rounds: int = ruled(50, POSITIVE)
     progress_bar: bool = True
 
 
@@ -123,17 +147,12 @@ class CompileConfig:
     direction, blocked over samples, and the routing as one native pass per sample
     (:mod:`~d2r_torchrl.modules.native_chain`, compiled on first use; the PyTorch path runs
     on CUDA, inside ``torch.compile`` or where it cannot be built): the fastest CPU update
-    (benchmarks/RESULTS.md), so on by default;
-    ``chain_kernels``: compile the per-gate backward kernels of that per-gate path (fused
-    gathers, products and scatters; see :class:`~d2r_torchrl.modules.module_chain.ChainKernels`):
-    about 7% off a D2R update with one torch thread and without the native pass, nothing
-    with two, so off by default."""
+    (benchmarks/RESULTS.md), so on by default."""
 
     enabled: bool = False
-    mode: typing.Optional[str] = None
+    mode: typing.Optional[str] = choice(None, COMPILE_MODES)
     backend: str = "inductor"
     cudagraphs: bool = False
-    chain_kernels: bool = False
     native_chain: bool = True
 
 
@@ -155,9 +174,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        config = cls()
-        apply_overrides(config, [f"{key}={json.dumps(value)}" for key, value in _flatten(data)])
-        return config
+        """A configuration from :meth:`to_dict` output, e.g. an older run's ``config.json``:
+        keys missing there take today's defaults, keys of :data:`REMOVED_KEYS` are dropped."""
+        return _updated(cls(), {key: value for key, value in _flatten(data) if key not in REMOVED_KEYS})
 
 
 def preset(algorithm: str, benchmark: str) -> RunConfig:
@@ -181,6 +200,36 @@ def preset(algorithm: str, benchmark: str) -> RunConfig:
     return config
 
 
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """``config`` with ``section.field=value`` strings applied (OmegaConf converts each value
+    to its field's type; ``none`` or ``null`` is None); raises :class:`ConfigError` with one
+    line for a malformed item, an unknown key or a value of the wrong type."""
+    values = {}
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"Override {override!r} is not of the form key=value.")
+        key, raw = (part.strip() for part in override.split("=", 1))
+        values[key] = None if raw.lower() in ("none", "null") else raw.strip('"')
+    return _updated(config, values)
+
+
+def _updated(config: RunConfig, values: dict[str, Any]) -> RunConfig:
+    """A copy of ``config`` with ``values`` (dotted keys) set through OmegaConf, which checks
+    each against its dataclass field."""
+    merged = OmegaConf.structured(config)
+    for key, value in values.items():
+        try:
+            OmegaConf.update(merged, key, value, force_add=False)
+        except (ConfigKeyError, ConfigAttributeError):
+            known = [name for name, _ in _flatten(config.to_dict())]
+            raise ConfigError(f"Unknown config key {key!r}; accepted keys: {', '.join(known)}.") from None
+        except ValidationError:
+            kind = _field_type(key)
+            expected = f"one of its fields, as {key}.<field>=..." if dataclasses.is_dataclass(kind) else _type_name(kind)
+            raise ConfigError(f"Invalid value {value!r} for {key}: expected {expected}") from None
+    return OmegaConf.to_object(merged)
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     items: list[tuple[str, Any]] = []
     for key, value in data.items():
@@ -191,16 +240,28 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+def _field_type(key: str) -> Any:
+    target: Any = RunConfig
+    for name in key.split("."):
+        target = typing.get_type_hints(target)[name]
+    return target
+
+
+def _type_name(kind: Any) -> str:
+    args = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    return f"{args[0].__name__} or none" if args else kind.__name__
+
+
 def differences(old: dict[str, Any], new: dict[str, Any], ignore: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two :meth:`RunConfig.to_dict` dicts, with
-    ``(old, new)``; a key missing on one side shows as ``"(absent)"``."""
-    flat_old, flat_new = dict(_flatten(old)), dict(_flatten(new))
-    changed = {}
-    for key in sorted(flat_old.keys() | flat_new.keys()):
-        pair = (flat_old.get(key, "(absent)"), flat_new.get(key, "(absent)"))
-        if key not in ignore and pair[0] != pair[1]:
-            changed[key] = pair
-    return changed
+    ``(old, new)``, both read as :meth:`RunConfig.from_dict` does (a key one side lacks takes
+    today's default; removed keys are dropped)."""
+    flat_old, flat_new = (dict(_flatten(RunConfig.from_dict(side).to_dict())) for side in (old, new))
+    return {
+        key: (flat_old[key], flat_new[key])
+        for key in sorted(flat_old)
+        if key not in ignore and flat_old[key] != flat_new[key]
+    }
 
 
 def resume_overrides(config: RunConfig) -> list[str]:
@@ -212,61 +273,9 @@ def resume_overrides(config: RunConfig) -> list[str]:
 
 def describe(config: RunConfig) -> str:
     """One line per option: ``key = value  (type)``, for ``--help``."""
-    lines = []
-    for key, value in _flatten(config.to_dict()):
-        kind = _field_type(config, key.split("."))
-        lines.append(f"  {key} = {value!r}  ({getattr(kind, '__name__', str(kind))})")
-    return "\n".join(lines)
-
-
-def _field_type(config: Any, path: list[str]) -> Any:
-    target = config
-    for name in path[:-1]:
-        target = getattr(target, name)
-    return typing.get_type_hints(type(target))[path[-1]]
-
-
-def _parse(raw: str, kind: Any, key: str) -> Any:
-    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
-    if optional:
-        if raw.strip().lower() in ("none", "null"):
-            return None
-        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-    try:
-        if kind is bool:
-            lowered = raw.strip().lower()
-            if lowered in ("true", "1", "yes"):
-                return True
-            if lowered in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if kind is int:
-            return int(float(raw)) if float(raw).is_integer() else int(raw)
-        if kind is float:
-            return float(raw)
-        if kind is str:
-            return raw.strip('"')
-    except ValueError:
-        pass
-    raise ConfigError(f"Invalid value {raw!r} for {key}: expected {getattr(kind, '__name__', kind)}.")
-
-
-def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
-    """Apply ``section.field=value`` strings in place; unknown keys raise :class:`ConfigError`."""
-    known = [key for key, _ in _flatten(config.to_dict())]
-    for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"Override {override!r} is not of the form key=value.")
-        key, raw = override.split("=", 1)
-        key = key.strip()
-        if key not in known:
-            raise ConfigError(f"Unknown config key {key!r}; accepted keys: {', '.join(known)}.")
-        path = key.split(".")
-        target = config
-        for name in path[:-1]:
-            target = getattr(target, name)
-        setattr(target, path[-1], _parse(raw, _field_type(config, path), key))
-    return config
+    return "\n".join(
+        f"  {key} = {value!r}  ({_type_name(_field_type(key))})" for key, value in _flatten(config.to_dict())
+    )
 
 
 def _require(condition: bool, message: str) -> None:
@@ -278,11 +287,26 @@ def _choice(key: str, value: Any, accepted: Sequence[Any]) -> None:
     _require(value in accepted, f"Invalid {key}={value!r}; accepted: {list(accepted)}.")
 
 
+def _broken_rules(config: Any, prefix: str = "") -> list[str]:
+    """``"key=value rule"`` for every field of ``config`` (recursively) whose value breaks
+    the rule in its metadata."""
+    broken = []
+    for item in dataclasses.fields(config):
+        value, key = getattr(config, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            broken.extend(_broken_rules(value, f"{key}."))
+        elif "rule" in item.metadata and not item.metadata["rule"][0](value):
+            broken.append(f"{key}={value!r} {item.metadata['rule'][1]}")
+    return broken
+
+
 def validate(config: RunConfig) -> RunConfig:
     """Check every value before any work starts; raises :class:`ConfigError`."""
     from d2r_torchrl.envs.metaworld import EXECUTION_MODES, GOAL_MODES, REWARD_VERSIONS, resolve_tasks
     from d2r_torchrl.objectives.multitask_sac import EXTREME_LOSS_RULES
 
+    broken = _broken_rules(config)
+    _require(not broken, f"Invalid configuration: {'; '.join(broken)}.")
     try:
         tasks = resolve_tasks(config.env.benchmark)
     except ValueError as error:
@@ -292,60 +316,17 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("env.execution", config.env.execution, EXECUTION_MODES)
     _choice("loss.extreme_loss_rule", config.loss.extreme_loss_rule, EXTREME_LOSS_RULES)
     _choice("env.reward_function_version", config.env.reward_function_version, REWARD_VERSIONS)
-    _choice("network.architecture", config.network.architecture, ALGORITHMS)
-    _choice("network.soft_modular_preset", config.network.soft_modular_preset, ("shallow", "deep"))
-    _choice("collector.kind", config.collector.kind, COLLECTORS)
     if config.collector.kind == "ray":
         from d2r_torchrl.training.ray_collector import require_ray
 
         require_ray()
-    _choice("collector.warmup_policy", config.collector.warmup_policy, WARMUP_POLICIES)
-    _choice("buffer.kind", config.buffer.kind, BUFFERS)
-    _choice("log.backend", config.log.backend, LOGGERS)
-    _choice("compile.mode", config.compile.mode, COMPILE_MODES)
     _require(
         not (config.compile.cudagraphs and config.device.split(":")[0] == "cpu"),
         "compile.cudagraphs=true needs a CUDA device; got device=cpu (use device=cuda or auto on a GPU machine).",
     )
-    positive = {
-        "env.max_episode_steps": config.env.max_episode_steps,
-        "env.reward_scale": config.env.reward_scale,
-        "network.num_modules": config.network.num_modules,
-        "network.module_width": config.network.module_width,
-        "network.top_k": config.network.top_k,
-        "loss.alpha_init": config.loss.alpha_init,
-        "loss.actor_lr": config.loss.actor_lr,
-        "loss.critic_lr": config.loss.critic_lr,
-        "loss.alpha_lr": config.loss.alpha_lr,
-        "collector.num_workers": config.collector.num_workers,
-        "collector.steps_per_task": config.collector.steps_per_task,
-        "collector.total_steps_per_task": config.collector.total_steps_per_task,
-        "buffer.capacity": config.buffer.capacity,
-        "buffer.batch_size_per_task": config.buffer.batch_size_per_task,
-        "eval.interval_rounds": config.eval.interval_rounds,
-        "log.checkpoint_interval_rounds": config.log.checkpoint_interval_rounds,
-    }
-    for key, value in positive.items():
-        _require(value > 0, f"{key} must be positive, got {value!r}.")
-    for key, value in {
-        "collector.updates_per_round": config.collector.updates_per_round,
-        "collector.warmup_rounds": config.collector.warmup_rounds,
-        "eval.episodes_per_task": config.eval.episodes_per_task,
-    }.items():
-        _require(value >= 0, f"{key} must be >= 0, got {value!r}.")
     _require(
         config.network.top_k <= config.network.num_modules,
         f"network.top_k={config.network.top_k} must not exceed network.num_modules={config.network.num_modules}.",
-    )
-    for key in ("priority_alpha", "priority_beta", "priority_beta_final"):
-        value = getattr(config.buffer, key)
-        _require(0 <= value <= 1, f"buffer.{key} must be in [0, 1], got {value}.")
-    ratio = config.buffer.max_priority_ratio
-    _require(ratio is None or ratio >= 1, f"buffer.max_priority_ratio must be >= 1 or none, got {ratio}.")
-    _require(0 < config.loss.gamma <= 1, f"loss.gamma must be in (0, 1], got {config.loss.gamma}.")
-    _require(
-        0 < config.loss.target_update_tau <= 1,
-        f"loss.target_update_tau must be in (0, 1], got {config.loss.target_update_tau}.",
     )
     workers = min(config.collector.num_workers, len(tasks))
     _require(

@@ -6,14 +6,15 @@ import importlib.util
 import json
 import random
 import shutil
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import tqdm
 from tensordict import TensorDictBase
+from torchrl import timeit
+from torchrl.data import ReplayBuffer
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger, WandbLogger
 
 import d2r_torchrl
@@ -28,7 +29,9 @@ from d2r_torchrl.data.replay import (
     transition_bytes,
 )
 from d2r_torchrl.modules.actor_critic import num_route_logits
+from d2r_torchrl.objectives.multitask_sac import MultiTaskSACLoss
 from d2r_torchrl.training import builders, checkpointing, preflight, signals
+from d2r_torchrl.training.components import check_batch, check_buffer, check_collector, describe_buffer
 from d2r_torchrl.training.config import RESUME_OVERRIDES, ConfigError, RunConfig, apply_overrides, validate
 from d2r_torchrl.training.evaluation import evaluate
 from d2r_torchrl.training.update import NonFiniteLossError, check_finite
@@ -68,6 +71,11 @@ class Trainer:
     rounds and on SIGINT/SIGTERM; :meth:`resume` continues a run directory. A
     memory-mapped replay buffer lives in ``run_dir/buffer`` and is resumed from there.
 
+    Bring your own TorchRL pieces: ``Trainer(config, buffer=my_buffer)`` replaces the
+    configured replay buffer and ``trainer.train(my_collector)`` the configured collector
+    (built over ``trainer.actor``); :mod:`~d2r_torchrl.training.components` says what each
+    must provide and checks it before any work.
+
     Exact resume: with the sync collector on CPU, fixed goals and the buffer kept, a run
     stopped and resumed ends where the uninterrupted run does (parameters, temperatures,
     counters, buffer) provided every stop falls where all episodes have just ended, i.e.
@@ -75,12 +83,14 @@ class Trainer:
     state of unfinished episodes is not saved, a resumed run starts new ones.
     """
 
-    def __init__(self, config: RunConfig, run_dir: Path | None = None) -> None:
+    def __init__(self, config: RunConfig, run_dir: Path | None = None, *, buffer: ReplayBuffer | None = None) -> None:
         self.config = validate(config)
         self.device = builders.resolve_device(config.device)
         seed_everything(config.seed)
         self.tasks = builders.task_names(config)
         self.num_tasks = len(self.tasks)
+        if buffer is not None:
+            check_buffer(buffer, self.num_tasks, self._warmup_frames(), MultiTaskSACLoss.default_keys.priority)
         self.run_dir = run_dir or self._new_run_dir()
         preflight.check_writable(self.run_dir)
         self.eval_envs = builders.make_eval_envs(config, self.tasks)
@@ -91,10 +101,13 @@ class Trainer:
         self._update_fn = builders.make_update_fn(config, self.loss, self.optimizers, self.target_updater)
         self._checks_each_update = not (config.compile.enabled or config.compile.cudagraphs)
         self.num_route_logits = num_route_logits(self.actor)
-        self.buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
-        self._check_disk()
+        self.buffer_injected = buffer is not None
+        if buffer is None:  # (an empty buffer is falsy)
+            buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
+        self.buffer = buffer
         self.interleave_tasks = task_interleaving(self.buffer)
         self.prioritized = isinstance(self.buffer.sampler, PrioritizedSampler)
+        self._check_disk()
         self._beta_start = self.buffer.sampler.beta if self.prioritized else None
         self.counters = checkpointing.Counters()
         components = {"loss": self.loss, "counters": self.counters}
@@ -104,7 +117,6 @@ class Trainer:
         self.checkpoint = checkpointing.make_checkpoint(components)
         self.logger = make_logger(config, self.run_dir)
         self._stop_signal: int | None = None
-        self._update_rate = 0.0
         self._saved_counters: dict[str, int] | None = None
         (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
@@ -119,25 +131,34 @@ class Trainer:
         shutil.rmtree(run_dir / "buffer", ignore_errors=True)  # from a run that never saved a checkpoint
         return run_dir
 
+    def _warmup_frames(self) -> int:
+        cfg = self.config.collector
+        return cfg.warmup_rounds * cfg.steps_per_task * self.num_tasks
+
     def _check_disk(self) -> None:
         observation_dim, action_spec = builders.policy_specs(self.eval_envs)
         example = example_transitions(self.num_tasks, observation_dim, action_spec.shape[-1], self.num_route_logits)
+        kind = self.config.buffer.kind if not self.buffer_injected else "prioritized" if self.prioritized else "uniform"
         preflight.check_disk_for_buffer(
             self.run_dir,
             self.buffer.storage.max_size,
-            transition_bytes(self.config.buffer.kind, example, self.num_tasks),
+            transition_bytes(kind, example, self.num_tasks),
             memory_mapped=is_memory_mapped(self.buffer),
             in_checkpoint=self.config.buffer.in_checkpoint,
         )
 
     @classmethod
-    def resume(cls, run_dir: str | Path, overrides: Sequence[str] = ()) -> "Trainer":
+    def resume(
+        cls, run_dir: str | Path, overrides: Sequence[str] = (), *, buffer: ReplayBuffer | None = None
+    ) -> "Trainer":
         """Rebuild a run from ``run_dir/config.json`` and load its checkpoint.
 
         ``overrides`` may change only :data:`RESUME_OVERRIDES` (e.g. ``device=cpu`` to continue a
         CUDA run on a CPU machine). The checkpoint must come from the same configuration and
-        code version (checked before anything is built). Without a saved buffer the run
-        refills it first and says so.
+        code version (checked before anything is built). A run trained with a buffer of its
+        own needs a new one like it (same class, sampler, storage and capacity) as ``buffer``,
+        into which the saved transitions are loaded. Without a saved buffer the run refills
+        it first and says so.
         """
         refused = [item for item in overrides if item.split("=", 1)[0].strip() not in RESUME_OVERRIDES]
         if refused:
@@ -148,8 +169,9 @@ class Trainer:
         config = _read_run_config(run_dir)
         metadata = checkpointing.read_metadata(run_dir)
         checkpointing.check_belongs(run_dir, metadata, config.to_dict(), d2r_torchrl.__version__)
+        _check_same_buffer(run_dir, metadata.get("buffer"), buffer)
         checkpointing.remove_leftovers(run_dir)
-        trainer = cls(apply_overrides(config, overrides), run_dir)
+        trainer = cls(apply_overrides(config, overrides), run_dir, buffer=buffer)
         restored = checkpointing.load(trainer.checkpoint, run_dir, map_location=trainer.device)
         trainer.loss.after_update()
         if "replay_buffer" not in restored:
@@ -160,7 +182,7 @@ class Trainer:
         """After resuming without a saved buffer (left out, or saved empty): drop stale
         memory-mapped files and the updates owed to transitions that are gone; say when an
         in-memory buffer left out of checkpoints is refilled."""
-        if is_memory_mapped(self.buffer):
+        if is_memory_mapped(self.buffer) and not self.buffer_injected:
             shutil.rmtree(self.run_dir / "buffer", ignore_errors=True)
         self.counters.pending_updates = 0
         left_out = not (self.config.buffer.in_checkpoint or is_memory_mapped(self.buffer))
@@ -180,73 +202,47 @@ class Trainer:
         """The signal that stopped :meth:`train`, if any."""
         return self._stop_signal
 
-    # ------------------------------------------------------------------ updates
-    def update(self) -> TensorDictBase:
-        """Sample a batch and run the configured update on it (see :func:`make_update`).
-
-        The eager update stops on a non-finite loss before any parameter changes; the
-        compiled one has no host synchronisation, and :meth:`_update_round` checks its
-        losses once per round instead.
-        """
-        batch = self.buffer.sample().to(self.device)
-        try:
-            losses = self._update_fn(batch)
-        except NonFiniteLossError as error:
-            raise self._non_finite(error) from None
-        if self.prioritized:
-            batch.set(self.loss.tensor_keys.priority, losses.get(self.loss.tensor_keys.priority))
-            self.buffer.update_tensordict_priority(batch)
-        self.counters.updates += 1
-        return losses
-
-    def priority_beta(self) -> float:
-        """PER's importance-sampling exponent for the next updates: linear from the buffer's
-        initial ``beta`` to ``buffer.priority_beta_final`` over the frames after the warm-up
-        (a function of the frame counter, so a resumed run continues the schedule)."""
-        cfg = self.config.collector
-        warmup = cfg.warmup_rounds * cfg.steps_per_task * self.num_tasks
-        total = cfg.total_steps_per_task * self.num_tasks
-        progress = (self.counters.frames - warmup) / max(total - warmup, 1)
-        return annealed_beta(self._beta_start, self.config.buffer.priority_beta_final, progress)
-
-    def _non_finite(self, error: NonFiniteLossError) -> NonFiniteLossError:
-        return NonFiniteLossError(
-            f"{error} At update {self.counters.updates}; the last good checkpoint in {self.run_dir} is kept."
-        )
-
     # --------------------------------------------------------------------- loop
-    def train(self) -> dict[str, float]:
+    def train(self, collector: Iterable[TensorDictBase] | None = None) -> dict[str, float]:
         """Run until the frame budget is spent or a stop signal arrives; returns the last
         evaluation's mean success (``{"success": ...}``) when there was one.
 
-        Rounds are counted in frames (``steps_per_task * T`` per round), so a collector
-        that yields part of a round (``multi_async``) gets its share of the updates.
-        Updates start once the buffer holds more than the warm-up frames: in the round
-        after the warm-up rounds (after resuming without a saved buffer, too).
-        SIGINT/SIGTERM finish the current update, save a checkpoint and return; the updates
-        of the batch not run yet are owed (:class:`~checkpointing.Counters`) and run first
-        by the resumed run. Worker processes ignore the signals so that they survive them.
+        ``collector``: any TorchRL collector running ``self.actor`` (see
+        :mod:`~d2r_torchrl.training.components`); by default the configured one for the
+        frames left. Either way it is shut down when training ends.
+
+        Each collected batch goes through :meth:`_train_on`: extend the buffer, sample and
+        update, send the weights, evaluate and checkpoint when due. Rounds are counted in
+        frames (``steps_per_task * T`` per round), so a batch of part of a round gets its
+        share of the updates. SIGINT/SIGTERM finish the current update, save a checkpoint
+        and return; the updates owed for the batch are run first by the resumed run.
         """
-        cfg = self.config
-        self._stop_signal = None
-        total_frames = cfg.collector.total_steps_per_task * self.num_tasks
+        if collector is not None:
+            check_collector(collector)
+        total_frames = self.config.collector.total_steps_per_task * self.num_tasks
         summary: dict[str, float] = {}
         if self.counters.frames >= total_frames and not self.counters.pending_updates:
             return summary
-        bar = tqdm.tqdm(total=total_frames, initial=self.counters.frames, unit="frame", disable=not cfg.log.progress_bar)
+        self._stop_signal = None
+        bar = tqdm.tqdm(
+            total=total_frames, initial=self.counters.frames, unit="frame", disable=not self.config.log.progress_bar
+        )
         with signals.stop_signals(self._on_signal) as catch_signals:
-            collector = self._make_collector() if self.counters.frames < total_frames else None
+            if collector is None and self.counters.frames < total_frames:
+                collector = self._make_collector()
             catch_signals()
             try:
                 if self.counters.pending_updates:  # owed by the run this one resumes
-                    self._finish_batch(summary, bar)
-                if collector is not None and self._stop_signal is None:
-                    for data in collector:
-                        self._add_batch(data)
-                        self._finish_batch(summary, bar, collector)
-                        bar.update(data.numel())
-                        if self._stop_signal is not None or self.counters.frames >= total_frames:
-                            break
+                    self._train_on(None, collector, summary)
+                batches = iter(collector if self.counters.frames < total_frames else ())
+                while self._stop_signal is None and self.counters.frames < total_frames:
+                    with timeit("time/collect"):
+                        data = next(batches, None)
+                    if data is None:
+                        break
+                    self._train_on(data, collector, summary)
+                    bar.update(data.numel())
+                    bar.set_postfix(success=summary.get("success", float("nan")))
                 if self._saved_counters != self.counters.state_dict():  # not saved at this point yet
                     self.save()
             finally:
@@ -255,6 +251,25 @@ class Trainer:
                 bar.close()
         return summary
 
+    def _train_on(self, data: TensorDictBase | None, collector, summary: dict[str, float]) -> None:
+        """One step of the loop for a collected batch (``None``: only the updates owed)."""
+        if data is not None:
+            with timeit("time/extend"):
+                self._add_batch(data)
+        if self.counters.pending_updates:
+            self._run_pending_updates()  # sample and update (times "time/sample", "time/update")
+            if self.counters.pending_updates:  # cut short by a stop signal
+                return
+            if collector is not None:
+                collector.update_policy_weights_()
+        if self._round_crossed(self.config.eval.interval_rounds) and self.config.eval.episodes_per_task:
+            with timeit("time/evaluate"):
+                summary["success"] = self.evaluate()
+        if self._round_crossed(self.config.log.checkpoint_interval_rounds):
+            with timeit("time/checkpoint"):
+                self.save()
+        self._log_timings()
+
     def _make_collector(self):
         """The collector for the frames left; building it draws no random number of the run."""
         with torch.random.fork_rng(devices=[]):
@@ -262,38 +277,27 @@ class Trainer:
 
     def _add_batch(self, data: TensorDictBase) -> None:
         """Store a collected batch, advance the counters and owe its updates (none in warm-up)."""
+        if self.counters.frames == self.counters.batch_start_frames == 0:
+            check_batch(data, self.num_tasks)
         cfg = self.config.collector
         frames_per_round = cfg.steps_per_task * self.num_tasks
         self.buffer.extend(prepare_transitions(data, self.num_route_logits, self.interleave_tasks))
         self.counters.batch_start_frames = self.counters.frames
         self.counters.frames += data.numel()
         self.counters.rounds = self.counters.frames // frames_per_round
-        if len(self.buffer) > cfg.warmup_rounds * frames_per_round:
+        if len(self.buffer) > self._warmup_frames():
             self.counters.pending_updates = round(cfg.updates_per_round * data.numel() / frames_per_round)
 
-    def _finish_batch(self, summary: dict[str, float], bar: tqdm.tqdm, collector=None) -> None:
-        """Run the owed updates, then (unless a stop signal cut them short) send the weights to
-        the ``collector`` and evaluate / save when a round interval was crossed."""
-        cfg = self.config
-        if self.counters.pending_updates:
-            self._run_pending_updates()
-            if self.counters.pending_updates:
-                return
-            if collector is not None:
-                collector.update_policy_weights_()
-            bar.set_postfix(updates_per_s=f"{self._update_rate:.1f}", success=summary.get("success", float("nan")))
-        frames_per_round = cfg.collector.steps_per_task * self.num_tasks
-        rounds_before = self.counters.batch_start_frames // frames_per_round
-        if _crossed(rounds_before, self.counters.rounds, cfg.eval.interval_rounds) and cfg.eval.episodes_per_task:
-            summary["success"] = self.evaluate()
-        if _crossed(rounds_before, self.counters.rounds, cfg.log.checkpoint_interval_rounds):
-            self.save()
+    def _round_crossed(self, interval: int) -> bool:
+        """Whether the last batch crossed a multiple of ``interval`` rounds."""
+        frames_per_round = self.config.collector.steps_per_task * self.num_tasks
+        return _crossed(self.counters.batch_start_frames // frames_per_round, self.counters.rounds, interval)
 
     def _run_pending_updates(self) -> None:
         """Run the owed updates (a stop signal ends this after the update in progress); log
         the last losses and, per task, how many of them found it above the extreme-loss
         threshold (``train/masked_updates``)."""
-        started, done, losses = time.perf_counter(), 0, None
+        done, losses = 0, None
         masked = torch.zeros(self.num_tasks, device=self.device)
         if self.prioritized:
             self.buffer.sampler.beta = self.priority_beta()
@@ -308,9 +312,45 @@ class Trainer:
                     check_finite(losses, " The parameters of this process are not saved.")
                 except NonFiniteLossError as error:
                     raise self._non_finite(error) from None
-            self._update_rate = done / (time.perf_counter() - started)
             self._log_losses(losses)
             self._log_per_task("train/masked_updates", masked)
+
+    # ------------------------------------------------------------------ updates
+    def update(self) -> TensorDictBase:
+        """Sample a batch and run the configured update on it (see :func:`make_update`); a
+        prioritized buffer gets the batch's TD errors as priorities.
+
+        The eager update stops on a non-finite loss before any parameter changes; the
+        compiled one has no host synchronisation, and :meth:`_run_pending_updates` checks its
+        losses once per round instead.
+        """
+        with timeit("time/sample"):
+            batch = self.buffer.sample().to(self.device)
+        with timeit("time/update"):
+            try:
+                losses = self._update_fn(batch)
+            except NonFiniteLossError as error:
+                raise self._non_finite(error) from None
+        if self.prioritized:
+            with timeit("time/priority"):
+                batch.set(self.loss.tensor_keys.priority, losses.get(self.loss.tensor_keys.priority))
+                self.buffer.update_tensordict_priority(batch)
+        self.counters.updates += 1
+        return losses
+
+    def priority_beta(self) -> float:
+        """PER's importance-sampling exponent for the next updates: linear from the buffer's
+        initial ``beta`` to ``buffer.priority_beta_final`` over the frames after the warm-up
+        (a function of the frame counter, so a resumed run continues the schedule)."""
+        warmup = self._warmup_frames()
+        total = self.config.collector.total_steps_per_task * self.num_tasks
+        progress = (self.counters.frames - warmup) / max(total - warmup, 1)
+        return annealed_beta(self._beta_start, self.config.buffer.priority_beta_final, progress)
+
+    def _non_finite(self, error: NonFiniteLossError) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"{error} At update {self.counters.updates}; the last good checkpoint in {self.run_dir} is kept."
+        )
 
     def _on_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum
@@ -325,6 +365,7 @@ class Trainer:
         self._log_per_task("eval/return", result.episode_return)
         return float(result.success.mean())
 
+    # ------------------------------------------------------------------ logging
     def _log_per_task(self, prefix: str, values: torch.Tensor) -> None:
         """Log ``values`` ``[T]`` as ``{prefix}/{task}`` and their mean as ``{prefix}_mean``."""
         step = self.counters.frames
@@ -339,13 +380,49 @@ class Trainer:
         for key in ["alpha"] + (["route_depth"] if "route_depth" in losses.keys() else []):
             self._log_per_task(f"train/{key}", losses[key])
 
+    def _log_timings(self) -> None:
+        """Log the seconds each phase of the loop took since the last call (``time/collect``,
+        ``time/extend``, ``time/sample``, ``time/update``, ``time/priority``,
+        ``time/evaluate``, ``time/checkpoint``; TorchRL's ``timeit``), then restart them."""
+        for key, seconds in timeit.todict(percall=False).items():
+            if key.startswith("time/") and seconds:
+                self.logger.log_scalar(key, seconds, step=self.counters.frames)
+        timeit.erase()
+
     def save(self) -> Path:
-        """Write ``run_dir/checkpoint`` (atomic); the metadata records the configuration and the
-        code version that :meth:`resume` checks."""
-        metadata = {"step": self.counters.frames, "config": self.config.to_dict(), "version": d2r_torchrl.__version__}
+        """Write ``run_dir/checkpoint`` (atomic); the metadata records the configuration, the
+        code version and the replay buffer (:meth:`resume` checks them)."""
+        metadata = {
+            "step": self.counters.frames,
+            "config": self.config.to_dict(),
+            "version": d2r_torchrl.__version__,
+            "buffer": {"injected": self.buffer_injected, "description": describe_buffer(self.buffer)},
+        }
         path = checkpointing.save(self.checkpoint, self.run_dir, metadata)
         self._saved_counters = self.counters.state_dict()
         return path
+
+
+def _check_same_buffer(run_dir: Path, saved: dict | None, buffer: ReplayBuffer | None) -> None:
+    """Raise :class:`~checkpointing.ResumeError` when the buffer given to :meth:`Trainer.resume`
+    does not match the one the run was trained with (a buffer of its own, or the configured one)."""
+    if saved is None or not (saved["injected"] or buffer is not None):
+        return  # checkpoints from before buffers were recorded, or configured buffer both times
+    if saved["injected"] and buffer is None:
+        raise checkpointing.ResumeError(
+            f"{run_dir} was trained with a replay buffer of its own, {saved['description']}; the configured "
+            "one cannot take its transitions. Pass a new buffer like it: Trainer.resume(run_dir, buffer=...)."
+        )
+    if not saved["injected"]:
+        raise checkpointing.ResumeError(
+            f"{run_dir} was trained with the configured replay buffer ({saved['description']}); resume it "
+            "without buffer=..."
+        )
+    if describe_buffer(buffer) != saved["description"]:
+        raise checkpointing.ResumeError(
+            f"{run_dir} was trained with {saved['description']}; the buffer given is {describe_buffer(buffer)}. "
+            "Pass one of the same class, sampler, storage and capacity."
+        )
 
 
 def _read_run_config(run_dir: Path) -> RunConfig:

@@ -1,0 +1,119 @@
+"""What a collector or replay buffer handed to :class:`~d2r_torchrl.training.trainer.Trainer`
+must provide, checked before any work, with errors that name what is missing.
+
+* A **collector** (``Trainer.train(collector)``): any TorchRL collector, or anything iterable
+  that yields TensorDict batches and has ``update_policy_weights_()`` and ``shutdown()``,
+  running the trainer's ``actor``. Each batch must hold :data:`REQUIRED_BATCH_KEYS` with
+  ``task_id`` in ``[0, T)``; a D2R actor adds its route ``("routing", "path")`` (batches
+  without it, e.g. random warm-up, are stored with an empty route, which the loss treats as
+  "no stored route").
+* A **replay buffer** (``Trainer(config, buffer=...)``): a TorchRL ``ReplayBuffer`` with a
+  batch size, room for more than the warm-up frames, and ``state_dict``/``load_state_dict``
+  (TorchRL's own). A prioritized one (a ``PrioritizedSampler``) must be a
+  ``TensorDictReplayBuffer`` (it returns ``index`` and ``priority_weight`` with each sample
+  and takes ``update_tensordict_priority``) reading its priorities from ``td_error``. A
+  per-task sampler of :mod:`d2r_torchrl.data.replay` must be built for the run's ``T`` tasks
+  with a batch size that is a multiple of ``T``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tensordict import TensorDictBase
+from torchrl.data import ReplayBuffer, TensorDictReplayBuffer
+from torchrl.data.replay_buffers.samplers import PrioritizedSampler
+
+from d2r_torchrl.data.replay import task_interleaving
+
+REQUIRED_BATCH_KEYS = (
+    "observation",
+    "task_id",
+    "action",
+    ("next", "observation"),
+    ("next", "reward"),
+    ("next", "done"),
+    ("next", "terminated"),
+)
+COLLECTOR_METHODS = ("__iter__", "update_policy_weights_", "shutdown")
+
+
+class ComponentError(TypeError):
+    """A collector or replay buffer given to the trainer lacks what the trainer needs."""
+
+
+def describe_buffer(buffer: ReplayBuffer) -> str:
+    """``"TensorDictReplayBuffer(sampler=..., storage=...(capacity))"``: what a resumed run
+    compares to make sure it gets the same kind of buffer back."""
+    storage = buffer.storage
+    return (
+        f"{type(buffer).__name__}(sampler={type(buffer.sampler).__name__}, "
+        f"storage={type(storage).__name__}({storage.max_size}))"
+    )
+
+
+def check_buffer(buffer: Any, num_tasks: int, warmup_frames: int, priority_key: str) -> None:
+    """Raise :class:`ComponentError` unless ``buffer`` can serve the trainer (module docstring)."""
+    if not isinstance(buffer, ReplayBuffer):
+        raise ComponentError(
+            f"buffer must be a torchrl.data.ReplayBuffer (e.g. TensorDictReplayBuffer or "
+            f"TensorDictPrioritizedReplayBuffer), got {type(buffer).__name__}."
+        )
+    name = describe_buffer(buffer)
+    if buffer.batch_size is None:
+        raise ComponentError(f"{name} has no batch size: build it with batch_size=... (the update's batch).")
+    if buffer.storage.max_size <= warmup_frames:
+        raise ComponentError(
+            f"{name} holds {buffer.storage.max_size} transitions, not more than the {warmup_frames} "
+            "warm-up frames (collector.warmup_rounds x collector.steps_per_task x tasks): no update would run."
+        )
+    if isinstance(buffer.sampler, PrioritizedSampler):
+        if not isinstance(buffer, TensorDictReplayBuffer):
+            raise ComponentError(
+                f"{name} samples by priority but is not a TensorDictReplayBuffer, so its samples carry no "
+                "'index' to update priorities with: use TensorDictPrioritizedReplayBuffer."
+            )
+        if buffer.priority_key != priority_key:
+            raise ComponentError(
+                f"{name} reads priorities from {buffer.priority_key!r}; the loss writes them to "
+                f"{priority_key!r}: build it with priority_key={priority_key!r}."
+            )
+    interleaved = task_interleaving(buffer)
+    if interleaved is not None and interleaved != num_tasks:
+        raise ComponentError(f"{name} is built for {interleaved} tasks; this run has {num_tasks}.")
+    if interleaved is not None and buffer.batch_size % num_tasks:
+        raise ComponentError(
+            f"{name} samples every task equally: its batch size {buffer.batch_size} must be a multiple "
+            f"of the {num_tasks} tasks."
+        )
+
+
+def check_collector(collector: Any) -> None:
+    """Raise :class:`ComponentError` unless ``collector`` has :data:`COLLECTOR_METHODS`."""
+    missing = [name for name in COLLECTOR_METHODS if not callable(getattr(collector, name, None))]
+    if missing:
+        raise ComponentError(
+            f"The collector ({type(collector).__name__}) lacks {', '.join(missing)}: the trainer iterates "
+            "over it for TensorDict batches, sends it the policy weights after each round's updates "
+            "(update_policy_weights_()) and shuts it down at the end (shutdown()); any TorchRL collector "
+            "built over trainer.actor has them."
+        )
+
+
+def check_batch(batch: Any, num_tasks: int) -> None:
+    """Raise :class:`ComponentError` unless a collected ``batch`` holds the keys the trainer
+    stores (:data:`REQUIRED_BATCH_KEYS`) with task ids in ``[0, num_tasks)``."""
+    if not isinstance(batch, TensorDictBase):
+        raise ComponentError(f"The collector yielded a {type(batch).__name__}; the trainer needs TensorDict batches.")
+    present = set(batch.keys(True, True))
+    missing = [key for key in REQUIRED_BATCH_KEYS if key not in present]
+    if missing:
+        raise ComponentError(
+            f"A collected batch lacks {missing} (it holds {sorted(map(str, present))}): collect with a "
+            "Meta-World env of d2r_torchrl.envs.make_env, or one that writes the same keys."
+        )
+    task_id = batch.get("task_id")
+    if task_id.numel() and (int(task_id.min()) < 0 or int(task_id.max()) >= num_tasks):
+        raise ComponentError(
+            f"A collected batch has task ids {int(task_id.min())}..{int(task_id.max())}; this run has "
+            f"{num_tasks} tasks (ids 0..{num_tasks - 1})."
+        )
