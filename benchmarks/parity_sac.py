@@ -3,6 +3,12 @@
     python benchmarks/parity_sac.py --seeds 0 1 2 3 4                 # reach-v3, 50k steps, ~20 min per run and side
     python benchmarks/parity_sac.py --seeds 0 1 2 --set reference     # reward scale 0.1, alpha lr 1e-4
     python benchmarks/parity_sac.py --seeds 0 --steps 5000 --out /tmp/parity_smoke   # smoke and timing
+    # the project with two replay settings, then the one against the other:
+    python benchmarks/parity_sac.py --sides project --project buffer.kind=stratified_prioritized \
+        --out benchmarks/runs/parity/stratified_prioritized_reach-v3
+    python benchmarks/parity_sac.py --sides project --project buffer.kind=stratified --out benchmarks/runs/parity/stratified_reach-v3
+    python benchmarks/parity_sac.py --compare benchmarks/runs/parity/stratified_prioritized_reach-v3 \
+        benchmarks/runs/parity/stratified_reach-v3 --out benchmarks/runs/parity/prioritized_vs_stratified_reach-v3
 
 Both sides train on the same task with random goals (Meta-World's pre-sampled goals of the
 task, drawn at every reset), 200-step episodes, MLPs 400-400-400 with the same
@@ -318,16 +324,17 @@ def run_all(out: Path, hyper: Hyper, seeds: list[int], sides: list[str], extra: 
                 raise SystemExit(f"Interrupted: {run_dir} is saved; the same command continues it.")
 
 
-def success_matrix(out: Path, side: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(frames [P], success [runs, P])`` over the evaluation points every run reached."""
+def success_matrix(runs: Path, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames [P], success [runs, P])`` of the runs ``<runs>_seed<seed>`` (a project or
+    stock side) over the evaluation points every run reached."""
     curves = []
     for seed in seeds:
-        run_dir = out / f"{side}_seed{seed}"
-        if side == "project":
-            curves.append(project_curve(run_dir))
-        else:
+        run_dir = runs.parent / f"{runs.name}_seed{seed}"
+        if (run_dir / "state.pt").exists():  # stock side
             evals = torch.load(run_dir / "state.pt", weights_only=False)["evals"]
             curves.append(([f for f, _ in evals], [s for _, s in evals]))
+        else:
+            curves.append(project_curve(run_dir))
     points = min(len(frames) for frames, _ in curves)
     return np.asarray(curves[0][0][:points]), np.asarray([values[:points] for _, values in curves])
 
@@ -347,38 +354,48 @@ def iqm_with_intervals(scores: np.ndarray, reps: int = 5000) -> tuple[np.ndarray
     return point["runs"], interval["runs"]
 
 
-def summarise(out: Path, seeds: list[int], title: str) -> dict:
-    curves = {side: success_matrix(out, side, seeds) for side in SIDES}
+def summarise(out: Path, sources: dict[str, Path], seeds: list[int], title: str) -> dict:
+    """IQM success with 95% intervals of two sources (label -> runs ``<path>_seed<seed>``) at
+    every evaluation point, whether their intervals overlap, and per run its wall and CPU
+    seconds, final success and largest logged critic loss (project runs); writes
+    ``summary.json``, ``summary.md`` and ``curves.png`` to ``out``."""
+    curves = {label: success_matrix(runs, seeds) for label, runs in sources.items()}
     points = min(len(frames) for frames, _ in curves.values())
-    frames = curves["project"][0][:points]
-    stats = {side: iqm_with_intervals(success[:, :points]) for side, (_, success) in curves.items()}
+    frames = next(iter(curves.values()))[0][:points]
+    stats = {label: iqm_with_intervals(success[:, :points]) for label, (_, success) in curves.items()}
+    (a_lo, a_hi), (b_lo, b_hi) = (interval for _, interval in stats.values())
+    overlap = np.maximum(a_lo, b_lo) <= np.minimum(a_hi, b_hi)
     late = frames > OVERLAP_AFTER
-    (p_lo, p_hi), (s_lo, s_hi) = stats["project"][1], stats["stock"][1]
-    overlap = np.maximum(p_lo, s_lo) <= np.minimum(p_hi, s_hi)
+    per_run = {label: [_run_facts(runs.parent / f"{runs.name}_seed{s}") for s in seeds] for label, runs in sources.items()}
     summary = {
         "frames": frames.tolist(),
-        **{side: {"iqm": stats[side][0].tolist(), "ci95": stats[side][1].tolist()} for side in SIDES},
+        **{label: {"iqm": stats[label][0].tolist(), "ci95": stats[label][1].tolist()} for label in sources},
         "overlap": overlap.tolist(),
         "overlap_after_20k": bool(overlap[late].all()) if late.any() else None,
-        **{
-            key: {side: [_record(out, side, s)[field] for s in seeds] for side in SIDES}
-            for key, field in (("wall_seconds", "seconds"), ("cpu_seconds", "cpu_seconds"))
-        },
+        "runs": per_run,
     }
     _plot(out / "curves.png", frames, stats, title)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(_table(summary, seeds, title))
+    (out / "summary.md").write_text(_table(summary, list(sources), seeds, title))
     return summary
 
 
-def _record(out: Path, side: str, seed: int) -> dict:
-    return json.loads((out / f"{side}_seed{seed}" / "benchmark.json").read_text())
+def _run_facts(run_dir: Path) -> dict:
+    """Wall and CPU seconds (``benchmark.json``), final success and, for a project run, the
+    largest critic loss it logged (a diverging critic shows there first)."""
+    record = json.loads((run_dir / "benchmark.json").read_text())
+    facts = {"wall_seconds": record["seconds"], "cpu_seconds": record["cpu_seconds"]}
+    critic = run_dir / "scalars" / "train" / "loss_qvalue.csv"
+    if critic.exists():
+        facts["max_critic_loss"] = max(read_scalar_csv(critic)[1])
+        facts["final_success"] = project_curve(run_dir)[1][-1]
+    return facts
 
 
 def _plot(path: Path, frames: np.ndarray, stats: dict, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for side, (iqm, (low, high)) in stats.items():
-        (line,) = ax.plot(frames, iqm, marker="o", label=side)
+    for label, (iqm, (low, high)) in stats.items():
+        (line,) = ax.plot(frames, iqm, marker="o", label=label)
         ax.fill_between(frames, low, high, color=line.get_color(), alpha=0.2)
     ax.axvline(OVERLAP_AFTER, color="grey", linestyle=":")
     ax.set(xlabel="env steps", ylabel="IQM success (95% CI)", ylim=(0, 1), title=title)
@@ -388,27 +405,35 @@ def _plot(path: Path, frames: np.ndarray, stats: dict, title: str) -> None:
     plt.close(fig)
 
 
-def _table(summary: dict, seeds: list[int], title: str) -> str:
-    def cell(side: str, i: int) -> str:
-        low, high = summary[side]["ci95"][0][i], summary[side]["ci95"][1][i]
-        return f"{summary[side]['iqm'][i]:.2f} [{low:.2f}, {high:.2f}]"
+def _table(summary: dict, labels: list[str], seeds: list[int], title: str) -> str:
+    def cell(label: str, i: int) -> str:
+        low, high = summary[label]["ci95"][0][i], summary[label]["ci95"][1][i]
+        return f"{summary[label]['iqm'][i]:.2f} [{low:.2f}, {high:.2f}]"
 
+    def facts(label: str, key: str, spec: str) -> str:
+        return ", ".join(format(run[key], spec) for run in summary["runs"][label] if key in run)
+
+    first, second = labels
     lines = [
         f"{title}; seeds {seeds}; IQM success over seeds [95% bootstrap CI]",
         "",
-        "| env steps | project | stock | intervals overlap |",
+        f"| env steps | {first} | {second} | intervals overlap |",
         "|---|---|---|---|",
         *[
-            f"| {frames:,.0f} | {cell('project', i)} | {cell('stock', i)} | {'yes' if summary['overlap'][i] else 'NO'} |"
+            f"| {frames:,.0f} | {cell(first, i)} | {cell(second, i)} | {'yes' if summary['overlap'][i] else 'NO'} |"
             for i, frames in enumerate(summary["frames"])
         ],
         "",
-        f"Project's interval overlaps stock's at every point after {OVERLAP_AFTER:,} steps: {summary['overlap_after_20k']}",
+        f"The intervals overlap at every point after {OVERLAP_AFTER:,} steps: {summary['overlap_after_20k']}",
         "",
         *[
-            f"{label} per run: "
-            + "; ".join(f"{side} {', '.join(f'{s:.0f}' for s in summary[key][side])}" for side in SIDES)
-            for key, label in (("wall_seconds", "Wall seconds"), ("cpu_seconds", "CPU seconds"))
+            f"{name} per run: " + "; ".join(f"{label} {facts(label, key, spec)}" for label in labels)
+            for name, key, spec in (
+                ("Final success", "final_success", ".2f"),
+                ("Largest critic loss", "max_critic_loss", ".3g"),
+                ("Wall seconds", "wall_seconds", ".0f"),
+                ("CPU seconds", "cpu_seconds", ".0f"),
+            )
         ],
     ]
     return "\n".join(lines) + "\n"
@@ -428,7 +453,15 @@ def main() -> None:
     parser.add_argument("--project", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides of the project side, e.g. --project buffer.kind=stratified")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/out/parity/<set>_<task>")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar="OUT", default=None,
+                        help="train nothing: summarise the project sides of two --out folders against each other in --out")
     args = parser.parse_args()
+    title = f"{args.task}, {args.setting} settings, {args.steps:,} steps"
+    if args.compare:
+        args.out.mkdir(parents=True, exist_ok=True)
+        summarise(args.out, {path.name: path / "project" for path in args.compare}, args.seeds, title)
+        print((args.out / "summary.md").read_text())
+        return
     if args.eval_every % 200 or args.steps % args.eval_every:
         parser.error("--eval-every must be a multiple of the 200-step round and divide --steps.")
     torch.set_num_threads(args.threads)
@@ -437,7 +470,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     run_all(out, hyper, args.seeds, args.sides, args.project)
     if set(args.sides) == set(SIDES):
-        summarise(out, args.seeds, f"{args.task}, {args.setting} settings, {args.steps:,} steps")
+        summarise(out, {side: out / side for side in SIDES}, args.seeds, title)
         print((out / "summary.md").read_text())
 
 
