@@ -40,7 +40,13 @@ def gate_rows(index: torch.Tensor, weight: torch.Tensor) -> GateRows:
 
 def read_sources(table: torch.Tensor, gates: GateRows, g: int) -> torch.Tensor:
     """Gate ``g``'s mixtures ``sum_r weight[s, r] * table[rows[s, r]]``, ``[S, d]``: one
-    ``embedding_bag`` (gather and weighted sum fused)."""
+    ``embedding_bag`` (gather and weighted sum fused). Under ``torch.compile`` a gather and a
+    sum instead, which inductor fuses into one loop (it calls ``embedding_bag`` as an
+    opaque operator, several kernels on CUDA)."""
+    if torch.compiler.is_compiling():
+        samples = len(gates.offsets)
+        sources = table.index_select(0, gates.rows[g]).view(samples, -1, table.shape[-1])
+        return (sources * gates.weight[g].view(samples, -1, 1)).sum(1)
     return torch.nn.functional.embedding_bag(
         gates.rows[g], table, gates.offsets, per_sample_weights=gates.weight[g], mode="sum"
     )
