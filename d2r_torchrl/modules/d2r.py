@@ -1,4 +1,5 @@
-"""The Dynamic Depth Routing network (METHOD.md section 2)."""
+"""The Dynamic Depth Routing network (METHOD.md section 2), on its fast paths; the
+specification it computes is :mod:`~d2r_torchrl.modules.d2r_spec`."""
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,9 @@ class D2RNetwork(nn.Module):
 
     ``forward(features [*B, in], task_id [*B] or [*B, 1], behaviour_route [*B, L] bool)``
     returns ``(out [*B, out], logits [*B, L], route [*B, L] bool)`` with
-    ``L = N(N+1)/2``. The route follows :func:`routing_mode`.
+    ``L = N(N+1)/2``. The route follows :func:`routing_mode`. Along that route ``out`` is
+    :func:`~d2r_torchrl.modules.d2r_spec.network_forward`, values and gradients
+    (``test_gradients_match_a_gate_by_gate_implementation``, both chain paths).
 
     Module 1 is the ``Linear`` ``first_module``; modules ``2..N`` are stacked in the parameters
     ``module_weight`` ``[N - 1, d, d]`` and ``module_bias`` ``[N - 1, d]`` (one tensor each, so

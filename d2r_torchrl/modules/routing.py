@@ -237,7 +237,10 @@ def route_slots(
     """Every gate's route from the router's flat logits ``[..., L]`` (arguments as in
     :func:`select_sources`; ``endorse`` adds ResRouting's endorsement).
 
-    Plain form: pad the logits to ``[..., N, N]``, then :func:`select_sources`,
+    What it computes, in the specification's dense form
+    (:func:`~d2r_torchrl.modules.d2r_spec.dense_routes`): the weights and endorsement of the
+    chosen route gathered at each gate's sources (``test_slot_weights_and_endorsement_equal_the_mask_forms``).
+    PyTorch path: pad the logits to ``[..., N, N]``, then :func:`select_sources`,
     :func:`slot_weights`, :func:`slot_endorsement` and :func:`route_mask`. With ``native``,
     on CPU tensors outside ``torch.compile``, the extension's ``route_slots`` picks the
     sources, endorsement and route in one pass per sample without padding, and the weights
