@@ -208,10 +208,12 @@ def test_presets_follow_reference_values():
     assert (mt10.loss.extreme_loss_threshold, mt10.loss.extreme_loss_rule) == (3000.0, "clip")
 
 
-def test_readme_example_runs(tmp_path):
-    code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+@pytest.mark.parametrize("example", range(3))
+def test_readme_examples_run(tmp_path, example):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 3
     script = tmp_path / "example.py"
-    script.write_text(code)
+    script.write_text(blocks[example])
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
 
