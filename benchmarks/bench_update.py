@@ -11,12 +11,11 @@ each per repeat, the authors' included, so that a slow stretch of a shared machi
 on all of them alike.
 
     python benchmarks/bench_update.py [--sizes MT10 MT50] [--repeats 5] [--threads N] [--device auto]
-        [--per-gate-chain] [--chain-kernels] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
+        [--per-gate-chain] [--compile] [--compile-mode MODE] [--cudagraphs] [--reference DIR] [--json out.json]
 
 ``eager`` rows use the default config (on the CPU, D2R's native chain and routing passes);
-``--per-gate-chain`` adds ``per-gate`` rows with the PyTorch path of both, the chain per
-gate (``compile.native_chain=false``), and ``--chain-kernels`` ``kernels`` rows with that path's
-backward kernels compiled (``compile.chain_kernels=true``).
+``--per-gate-chain`` adds ``per-gate`` rows with the PyTorch path of both, the path that runs
+on CUDA and under ``torch.compile`` (``compile.native_chain=false``).
 """
 from __future__ import annotations
 
@@ -147,8 +146,6 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the compiled update (compile.enabled)")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--cudagraphs", action="store_true", help="compiled rows also capture CUDA graphs")
-    parser.add_argument("--chain-kernels", action="store_true",
-                        help="also time the per-gate path with its backward kernels compiled (compile.chain_kernels)")
     parser.add_argument("--per-gate-chain", action="store_true",
                         help="also time the update with D2R's PyTorch chain and routing (compile.native_chain=false)")
     parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL (CPU only)")
@@ -160,8 +157,6 @@ def main() -> None:
     variants = {"eager": []}
     if args.per_gate_chain:
         variants["per-gate"] = ["compile.native_chain=false"]
-    if args.chain_kernels:
-        variants["kernels"] = ["compile.native_chain=false", "compile.chain_kernels=true"]
     if args.compile:
         variants["compiled"] = ["compile.enabled=true"] + (
             [f"compile.mode={args.compile_mode}"] if args.compile_mode else []

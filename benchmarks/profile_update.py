@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="largest single operators to list")
     parser.add_argument("--overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. compile.chain_kernels=true")
+                        help="config overrides, e.g. compile.native_chain=false")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.size}, {args.threads} torch thread(s), self CPU ms per update (share)")
