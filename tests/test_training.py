@@ -16,7 +16,7 @@ from d2r_torchrl.modules.actor_critic import ROUTE_KEY
 from d2r_torchrl.training import builders
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError
 from d2r_torchrl.training.cli import main, parse
-from d2r_torchrl.training.config import ConfigError, apply_overrides, preset
+from d2r_torchrl.training.config import ConfigError, RunConfig, apply_overrides, differences, preset
 from d2r_torchrl.training.trainer import Trainer
 from d2r_torchrl.training.update import NonFiniteLossError, clip_grad_norm_stacked_
 
@@ -194,6 +194,34 @@ def test_config_errors_and_help(capsys):
     with pytest.raises(SystemExit):
         parse("d2r", "MT10", ["--help"])
     assert "buffer.kind = 'stratified'" in capsys.readouterr().out
+
+
+def test_cli_refuses_bad_values_with_one_line_naming_them(capsys):
+    for argv, expected in [
+        (["loss.gamma=abc"], "error: Invalid value 'abc' for loss.gamma: expected float"),
+        (["collector.steps_per_task=1.5"], "error: Invalid value '1.5' for collector.steps_per_task: expected int"),
+        (["loss.gamma=1.5"], "error: Invalid configuration: loss.gamma=1.5 must be in (0, 1]."),
+        (["buffer.max_priority_ratio=0.5"], "buffer.max_priority_ratio=0.5 must be >= 1 or none"),
+        (["network.architecture=mlp"], "network.architecture='mlp' is not accepted; accepted: ['d2r',"),
+        (["net.width=3"], "error: Unknown config key 'net.width'; accepted keys: seed, device, env.benchmark"),
+    ]:
+        assert main("d2r", "MT10", argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+
+
+def test_config_json_of_an_earlier_version_loads_with_todays_defaults():
+    # as an earlier version wrote it: a key removed since, none of the keys added since
+    old = preset("d2r", "MT10").to_dict()
+    old["compile"]["chain_kernels"] = True
+    for key in ("priority_beta_final", "max_priority_ratio"):
+        del old["buffer"][key]
+    old["loss"]["gamma"] = 0.98
+    loaded = RunConfig.from_dict(old)
+    assert loaded.loss.gamma == 0.98 and loaded.buffer.max_priority_ratio == 10.0
+    assert "chain_kernels" not in loaded.to_dict()["compile"]
+    assert differences(old, loaded.to_dict()) == {}  # a resumed run finds nothing changed
+    assert differences(old, preset("d2r", "MT10").to_dict()) == {"loss.gamma": (0.98, 0.99)}
 
 
 def test_presets_follow_reference_values():
