@@ -1,5 +1,7 @@
 """Build and load the native CPU operators of D2R: the module chain (``csrc/module_chain.cpp``)
-and the routing (``csrc/routing.cpp``).
+and the routing (``csrc/routing.cpp``). They compute what
+:mod:`~d2r_torchrl.modules.d2r_spec` specifies (``tests/test_native_chain.py``,
+``tests/test_routing_slots.py``).
 
 The extension is compiled with the system C++ compiler on first use (cached by PyTorch in
 ``TORCH_EXTENSIONS_DIR``, ``~/.cache/torch_extensions`` by default) for the vector

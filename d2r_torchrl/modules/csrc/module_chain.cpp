@@ -1,9 +1,10 @@
 // The D2R module chain (modules 2..N and the output gate of an ensemble of E networks) as
 // one native pass per direction on the CPU, blocked over samples.
 //
-// Computes exactly what ModuleChain in module_chain.py documents (its plain form and
-// ResRouting's gradient paths); the Python side checks it against that implementation
-// (tests/test_native_chain.py). Every sample's route only reads the same sample's module
+// Computes exactly what ModuleChain in module_chain.py documents: the specification
+// d2r_spec.module_chain (METHOD.md section 2, ResRouting's gradient paths included) on the
+// chain's slot layout; tests/test_native_chain.py holds it to the specification
+// (test_chain_paths_match_the_specification) and to ModuleChain's PyTorch path. Every sample's route only reads the same sample's module
 // outputs, so a block of `block` samples of one member runs the whole chain on its own:
 // its module outputs (N x block x d) and, backwards, its two gradient buffers stay in
 // cache, and blocks run in parallel (at::parallel_for). Linear maps are matrix products on a
