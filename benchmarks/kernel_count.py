@@ -38,7 +38,10 @@ PYTORCH_PATH = ["compile.native_chain=false"]
 COMPILED = [*PYTORCH_PATH, "compile.enabled=true", "compile.backend=inductor"]
 METADATA_OPS = {"aten::detach", "aten::empty", "aten::empty_strided", "aten::lift_fresh"}
 # a line of a generated ``call`` that launches work: a fused kernel, a library call or an aten fallback
-CALL = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)\(")
+CALL = re.compile(
+    r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+"
+    r"|torch\.ops\.\w+\.\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)\("
+)
 HOST_SYNC = re.compile(r"_local_scalar_dense|\.item\(\)")
 
 
@@ -115,14 +118,15 @@ def main() -> None:
             if not args.no_compile:
                 row["compiled"] = count_compiled(*build_update(arch, num_tasks, batch_size, device, COMPILED))
             results.setdefault(size, {})[arch] = row
-            print(f"{size} {arch}: {json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ('top', 'by_kind')} for k, v in row.items()})}", flush=True)
-    print(f"\n{'size':5} {'architecture':12} {'eager ops':>10} {'eager kernels':>14} {'compiled calls':>15} {'fused':>6} {'host syncs':>11}")
+            print(f"{size} {arch}: counted", flush=True)
+    header = ("size", "architecture", "eager ops", "eager kernels", "eager syncs", "compiled calls", "fused", "compiled syncs")
+    print("\n" + " ".join(f"{name:>14}" for name in header))
     for size, rows in results.items():
         for arch, row in rows.items():
-            compiled = row.get("compiled", {})
-            print(f"{size:5} {arch:12} {row['eager']['ops']:10} {row['eager']['kernels']:14} "
-                  f"{compiled.get('calls', '-'):>15} {compiled.get('fused_kernels', '-'):>6} "
-                  f"{row['eager']['host_syncs']}/{compiled.get('host_syncs', '-')!s:>9}")
+            eager, compiled = row["eager"], row.get("compiled", {})
+            cells = (size, arch, eager["ops"], eager["kernels"], eager["host_syncs"],
+                     compiled.get("calls", "-"), compiled.get("fused_kernels", "-"), compiled.get("host_syncs", "-"))
+            print(" ".join(f"{cell!s:>14}" for cell in cells))
         if {"d2r", "mt_sac"} <= rows.keys():
             d2r, mt_sac = rows["d2r"], rows["mt_sac"]
             ratios = {"eager kernels": d2r["eager"]["kernels"] / mt_sac["eager"]["kernels"]}

@@ -91,7 +91,8 @@ def compiled_update(architecture: str, suite: str, num_tasks: int, batch_size: i
     loss, updater = builders.make_loss(config, actor, critic, num_tasks)
     optimizers = builders.make_optimizers(config, loss)
     update = make_update(loss, optimizers, updater, config.loss.grad_clip_norm, compile=True, backend=backend.backend)
-    return update, loss, random_transitions(actor, num_tasks, batch_size, OBS, generator=torch.Generator().manual_seed(1))
+    batch = random_transitions(actor, num_tasks, batch_size, OBS, generator=torch.Generator().manual_seed(1))
+    return update, loss, batch
 
 
 class OperatorNames(TorchDispatchMode):

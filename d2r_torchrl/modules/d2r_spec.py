@@ -3,9 +3,10 @@ is the specification.
 
 Given the route (which sources each gate reads, chosen as the routing modes say:
 :func:`~d2r_torchrl.modules.routing.select_sources`), :func:`network_forward` runs the
-encoders, router, module chain and head. Plain PyTorch, one gate after the other, with every gate's mixing weights and endorsement
-as dense ``[*B, N, N]`` masks (row ``g`` is the gate feeding module ``g + 2``, the last row
-the output gate; column ``j`` is module ``j + 1``). It works for any batch shape and under
+encoders, router, module chain and head. Plain PyTorch, one gate after the other, with
+every gate's mixing weights and endorsement as dense ``[*B, N, N]`` masks (row ``g`` is
+the gate feeding module ``g + 2``, the last row the output gate; column ``j`` is module
+``j + 1``). It works for any batch shape and under
 :func:`torch.vmap`. :class:`~d2r_torchrl.modules.d2r.D2RNetwork` computes the same on its
 fast paths, which the tests hold to this form:
 

@@ -223,7 +223,8 @@ class ModuleChain(torch.autograd.Function):
         endorsed_weight = gates.weight * endorsed.reshape(num_modules, -1) if ctx.res_routing else None
         grad_weight = [  # per gate [S, k], last gate first
             send_back(
-                table, gates, num_modules - 1, endorsed_weight, None, grad_mixed.reshape(-1, width), grad_shortcut, grad_own
+                table, gates, num_modules - 1, endorsed_weight, None, grad_mixed.reshape(-1, width),
+                grad_shortcut, grad_own,
             )
         ]
         grad_matrices, grad_biases = [], []  # per module, last first
