@@ -1,4 +1,5 @@
-"""All speed figures in one run: env throughput, ms per update, end-to-end training, memory.
+"""All speed figures in one run: env throughput, ms per update, operator calls per update
+(the CPU stand-in for GPU launch overhead, ``kernel_count.py``), end-to-end training, memory.
 
     python benchmarks/speed_suite.py [--quick] [--compile] [--reference DIR] [--out benchmarks/out/speed]
         [--set KEY=VALUE ...]
@@ -86,6 +87,10 @@ def main() -> None:
         results["update"][device] = update["ms_per_update"]
         results.setdefault("authors_ms", {})[device] = update["reference_ms"]
         results["peak_mib"][f"update_benchmark_{device}"] = peak
+    kernels_json = args.out / "kernel_count.json"
+    run_part([sys.executable, str(HERE / "kernel_count.py"), "--json", str(kernels_json)]
+             + (["--no-compile"] if args.quick else []))
+    results["kernel_count_mt10"] = json.loads(kernels_json.read_text())["MT10"]
     results["end_to_end_mt10"] = {algorithm: end_to_end(args.out, algorithm, rounds, 50, args.overrides) for algorithm in ("d2r", "mt_sac")}
     (args.out / "speed.json").write_text(json.dumps(results, indent=2))
     (args.out / "speed.md").write_text(markdown(results))
@@ -106,6 +111,13 @@ def markdown(results: dict) -> str:
                     speedup = f"{authors[size] / ms:.1f}" if arch == "d2r" and size in authors else ""
                     lines.append(f"| {device} | {size} | {variant} | {arch} | {ms:.1f} | {ms / times['mt_sac']:.2f} | {speedup} |")
         lines += [f"| {device} | {size} | authors' code | d2r | {ms:.1f} | | |" for size, ms in authors.items()]
+    kernels = results["kernel_count_mt10"]
+    lines += ["", "| MT10 update, PyTorch path | eager kernels | compiled calls (fused kernels) |", "|---|---|---|"]
+    lines += [
+        f"| {arch} | {row['eager']['kernels']} | "
+        + (f"{row['compiled']['calls']} ({row['compiled']['fused_kernels']})" if "compiled" in row else "-") + " |"
+        for arch, row in kernels.items() if arch != "d2r_over_mt_sac"
+    ]
     e2e = results["end_to_end_mt10"]
     lines += ["", "| MT10 recipe, end to end | frames | updates | seconds | frames/s | x MT-SAC | peak MiB |"]
     lines += ["|---|---|---|---|---|---|---|"]
