@@ -222,6 +222,8 @@ class Trainer:
         total_frames = self.config.collector.total_steps_per_task * self.num_tasks
         summary: dict[str, float] = {}
         if self.counters.frames >= total_frames and not self.counters.pending_updates:
+            if collector is not None:
+                collector.shutdown()
             return summary
         self._stop_signal = None
         bar = tqdm.tqdm(
@@ -240,9 +242,9 @@ class Trainer:
                         data = next(batches, None)
                     if data is None:
                         break
-                    self._train_on(data, collector, summary)
+                    seconds = self._train_on(data, collector, summary)
                     bar.update(data.numel())
-                    bar.set_postfix(success=summary.get("success", float("nan")))
+                    bar.set_postfix(success=summary.get("success", float("nan")), **seconds)
                 if self._saved_counters != self.counters.state_dict():  # not saved at this point yet
                     self.save()
             finally:
@@ -251,15 +253,16 @@ class Trainer:
                 bar.close()
         return summary
 
-    def _train_on(self, data: TensorDictBase | None, collector, summary: dict[str, float]) -> None:
-        """One step of the loop for a collected batch (``None``: only the updates owed)."""
+    def _train_on(self, data: TensorDictBase | None, collector, summary: dict[str, float]) -> dict[str, str]:
+        """One step of the loop for a collected batch (``None``: only the updates owed);
+        returns the seconds each phase took (:meth:`_log_timings`)."""
         if data is not None:
             with timeit("time/extend"):
                 self._add_batch(data)
         if self.counters.pending_updates:
             self._run_pending_updates()  # sample and update (times "time/sample", "time/update")
             if self.counters.pending_updates:  # cut short by a stop signal
-                return
+                return {}
             if collector is not None:
                 collector.update_policy_weights_()
         if self._round_crossed(self.config.eval.interval_rounds) and self.config.eval.episodes_per_task:
@@ -268,7 +271,7 @@ class Trainer:
         if self._round_crossed(self.config.log.checkpoint_interval_rounds):
             with timeit("time/checkpoint"):
                 self.save()
-        self._log_timings()
+        return self._log_timings()
 
     def _make_collector(self):
         """The collector for the frames left; building it draws no random number of the run."""
@@ -380,14 +383,18 @@ class Trainer:
         for key in ["alpha"] + (["route_depth"] if "route_depth" in losses.keys() else []):
             self._log_per_task(f"train/{key}", losses[key])
 
-    def _log_timings(self) -> None:
+    def _log_timings(self) -> dict[str, str]:
         """Log the seconds each phase of the loop took since the last call (``time/collect``,
         ``time/extend``, ``time/sample``, ``time/update``, ``time/priority``,
-        ``time/evaluate``, ``time/checkpoint``; TorchRL's ``timeit``), then restart them."""
+        ``time/evaluate``, ``time/checkpoint``; TorchRL's ``timeit``), then restart them;
+        returns them as ``{phase: "1.2s"}`` for the progress bar."""
+        shown = {}
         for key, seconds in timeit.todict(percall=False).items():
             if key.startswith("time/") and seconds:
                 self.logger.log_scalar(key, seconds, step=self.counters.frames)
+                shown[key.removeprefix("time/")] = f"{seconds:.1f}s"
         timeit.erase()
+        return shown
 
     def save(self) -> Path:
         """Write ``run_dir/checkpoint`` (atomic); the metadata records the configuration, the
