@@ -14,37 +14,16 @@ from d2r_torchrl.modules.actor_critic import ROUTE_KEY
 from d2r_torchrl.training import builders
 from d2r_torchrl.training.checkpointing import ResumeError
 from d2r_torchrl.training.components import ComponentError, check_batch
-from d2r_torchrl.training.config import apply_overrides, preset
 from d2r_torchrl.training.trainer import Trainer
+from test_resume import small_config as small_resume_config
 
 TASKS = ("reach-v3", "push-v3")
-# 3 rounds of 10 steps per task, 1 warm-up round, 2 updates per round -> 4 updates
-SMALL = [
-    f"env.benchmark={','.join(TASKS)}",
-    "env.max_episode_steps=10",
-    "collector.steps_per_task=10",
-    "collector.warmup_rounds=1",
-    "collector.updates_per_round=2",
-    "collector.total_steps_per_task=30",
-    "network.num_modules=4",
-    "network.module_width=16",
-    "buffer.batch_size_per_task=4",
-    "eval.episodes_per_task=0",
-    "log.progress_bar=false",
-    "device=cpu",
-]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_config(tmp_path, name: str, *extra: str):
-    return apply_overrides(preset("d2r", "MT10"), [*SMALL, f"log.root={tmp_path}", f"log.name={name}", *extra])
+def small_config(tmp_path, name: str):
+    """The small two-task run of ``test_resume`` (3 rounds of 10 steps per task, 1 warm-up
+    round, 2 updates per round: 4 updates) with room for all 60 transitions."""
+    return small_resume_config(tmp_path, name, "buffer.capacity=1000")
 
 
 def stock_prioritized_buffer(path, capacity: int = 60) -> TensorDictPrioritizedReplayBuffer:

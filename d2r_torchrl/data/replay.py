@@ -135,6 +135,17 @@ def _to_cpu(data: TensorDictBase, path=None) -> TensorDictBase:
     return data.to("cpu")
 
 
+def stored_rows_and_share(stored: int, batch_size: int, num_tasks: int) -> tuple[int, int]:
+    """``(rows, per_task)`` of a task-interleaved storage holding ``stored`` transitions: the
+    rows of ``T`` it holds and each task's share of a ``batch_size`` batch; raises when the
+    batch cannot be shared equally or no row is stored yet."""
+    if batch_size % num_tasks:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {num_tasks} tasks.")
+    if stored < num_tasks:
+        raise RuntimeError("Cannot sample from a replay buffer holding less than one row of tasks.")
+    return stored // num_tasks, batch_size // num_tasks
+
+
 class TaskStratifiedSampler(Sampler):
     """Samples ``batch_size // T`` transitions of every task, uniformly within each task.
 
@@ -147,12 +158,7 @@ class TaskStratifiedSampler(Sampler):
         self.num_tasks = num_tasks
 
     def sample(self, storage, batch_size: int) -> tuple[torch.Tensor, dict]:
-        if batch_size % self.num_tasks:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of the {self.num_tasks} tasks.")
-        rows = len(storage) // self.num_tasks
-        if rows == 0:
-            raise RuntimeError("Cannot sample from a replay buffer holding less than one row of tasks.")
-        per_task = batch_size // self.num_tasks
+        rows, per_task = stored_rows_and_share(len(storage), batch_size, self.num_tasks)
         row = torch.randint(rows, (per_task, self.num_tasks))
         index = row * self.num_tasks + torch.arange(self.num_tasks)
         return index.reshape(-1), {}
@@ -233,12 +239,7 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
         return (index % self.num_tasks) * self.rows_per_task + index // self.num_tasks
 
     def sample(self, storage, batch_size: int) -> tuple[torch.Tensor, dict]:
-        if batch_size % self.num_tasks:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of the {self.num_tasks} tasks.")
-        rows = len(storage) // self.num_tasks
-        if rows == 0:
-            raise RuntimeError("Cannot sample from a replay buffer holding less than one row of tasks.")
-        per_task = batch_size // self.num_tasks
+        rows, per_task = stored_rows_and_share(len(storage), batch_size, self.num_tasks)
         start = torch.arange(self.num_tasks) * self.rows_per_task
         stop = start + rows
         task_sum = torch.as_tensor(self._sum_tree.query(start, stop), dtype=torch.float64)
