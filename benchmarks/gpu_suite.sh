@@ -140,7 +140,7 @@ step_speed() {
       --json "$OUT/update_cuda_compiled$i.json" 2>&1 | tee -a "$OUT/speed.log"
   done
   rm -rf /tmp/speed
-  timeout "$SUITE_SECONDS" python3 benchmarks/speed_suite.py --out /tmp/speed --set "buffer.kind=$BUFFER_KIND" "${SPEED_EXTRA[@]}" 2>&1 | tee -a "$OUT/speed.log"
+  timeout "$SUITE_SECONDS" python3 benchmarks/speed_suite.py --out /tmp/speed --no-kernel-count --set "buffer.kind=$BUFFER_KIND" "${SPEED_EXTRA[@]}" 2>&1 | tee -a "$OUT/speed.log"
   cp /tmp/speed/speed.json /tmp/speed/speed.md "$OUT/" 2>/dev/null || echo "speed_suite.py did not finish: see speed.log"
 }
 

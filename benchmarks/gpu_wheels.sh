@@ -19,6 +19,7 @@
 # prioritized buffer when it loads, else the stratified one (the reference's own sampler).
 # Only one version of each package may be in .whl (two stop the install).
 #
+# omegaconf 2.4 vendors its parser runtime (antlr4), so it needs only PyYAML beside it.
 # Left out although declared: pyopengl (mujoco rendering only), orjson (tensordict's optional
 # JSON backend), importlib_metadata (a fallback of tensordict for old Pythons).
 # Meta-World's wheel is slimmed (benchmarks/slim_wheel.py: images no model file names are
@@ -40,6 +41,8 @@ PINS=(
   farama-notifications==0.0.6
   mujoco==3.3.0
   glfw==2.11.0
+  omegaconf==2.4.0
+  pyyaml==6.0.4
 )
 
 mkdir -p "$WHEEL_DIR"

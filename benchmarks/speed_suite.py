@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "out" / "speed")
     parser.add_argument("--compile", action="store_true", help="also time compiled updates")
     parser.add_argument("--reference", default=None, help="checkout of DarkDawn233/D2R_MTRL, timed side by side")
+    parser.add_argument("--no-kernel-count", action="store_true",
+                        help="leave out the operator count (CPU-only, the same on every machine)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides for the end-to-end recipe runs")
     args = parser.parse_args()
@@ -87,10 +89,11 @@ def main() -> None:
         results["update"][device] = update["ms_per_update"]
         results.setdefault("authors_ms", {})[device] = update["reference_ms"]
         results["peak_mib"][f"update_benchmark_{device}"] = peak
-    kernels_json = args.out / "kernel_count.json"
-    run_part([sys.executable, str(HERE / "kernel_count.py"), "--json", str(kernels_json)]
-             + (["--no-compile"] if args.quick else []))
-    results["kernel_count_mt10"] = json.loads(kernels_json.read_text())["MT10"]
+    if not args.no_kernel_count:
+        kernels_json = args.out / "kernel_count.json"
+        run_part([sys.executable, str(HERE / "kernel_count.py"), "--json", str(kernels_json)]
+                 + (["--no-compile"] if args.quick else []))
+        results["kernel_count_mt10"] = json.loads(kernels_json.read_text())["MT10"]
     results["end_to_end_mt10"] = {algorithm: end_to_end(args.out, algorithm, rounds, 50, args.overrides) for algorithm in ("d2r", "mt_sac")}
     (args.out / "speed.json").write_text(json.dumps(results, indent=2))
     (args.out / "speed.md").write_text(markdown(results))
@@ -111,8 +114,9 @@ def markdown(results: dict) -> str:
                     speedup = f"{authors[size] / ms:.1f}" if arch == "d2r" and size in authors else ""
                     lines.append(f"| {device} | {size} | {variant} | {arch} | {ms:.1f} | {ms / times['mt_sac']:.2f} | {speedup} |")
         lines += [f"| {device} | {size} | authors' code | d2r | {ms:.1f} | | |" for size, ms in authors.items()]
-    kernels = results["kernel_count_mt10"]
-    lines += ["", "| MT10 update, PyTorch path | eager kernels | compiled calls (fused kernels) |", "|---|---|---|"]
+    kernels = results.get("kernel_count_mt10", {})
+    if kernels:
+        lines += ["", "| MT10 update, PyTorch path | eager kernels | compiled calls (fused kernels) |", "|---|---|---|"]
     lines += [
         f"| {arch} | {row['eager']['kernels']} | "
         + (f"{row['compiled']['calls']} ({row['compiled']['fused_kernels']})" if "compiled" in row else "-") + " |"
