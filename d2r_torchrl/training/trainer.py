@@ -15,11 +15,10 @@ import tqdm
 from tensordict import TensorDictBase
 from torchrl import timeit
 from torchrl.data import ReplayBuffer
+from torchrl.data.replay_buffers.samplers import PrioritizedSampler
 from torchrl.record.loggers import CSVLogger, Logger, TensorboardLogger, WandbLogger
 
 import d2r_torchrl
-from torchrl.data.replay_buffers.samplers import PrioritizedSampler
-
 from d2r_torchrl.data.replay import (
     annealed_beta,
     example_transitions,
@@ -51,7 +50,8 @@ def make_logger(config: RunConfig, run_dir: Path) -> Logger:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed the global Python, NumPy and torch RNGs (the prioritized sampler draws from NumPy's)."""
+    """Seed the global Python, NumPy and torch RNGs (TorchRL's prioritized sampler draws from
+    NumPy's, the per-task samplers from torch's)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
