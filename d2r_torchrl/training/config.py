@@ -50,14 +50,15 @@ RATE = (lambda value: 0 < value <= 1, "must be in (0, 1]")
 ONE_OR_MORE = (lambda value: value is None or value >= 1, "must be >= 1 or none")
 
 
-def ruled(default: Any, rule: tuple) -> Any:
+def ruled(default: Any, rule: tuple, **metadata: Any) -> Any:
     """A dataclass field with ``default`` whose value must satisfy ``rule``."""
-    return field(default=default, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule, **metadata})
 
 
 def choice(default: Any, accepted: Sequence[Any]) -> Any:
     """A dataclass field with ``default`` whose value must be one of ``accepted``."""
-    return ruled(default, (lambda value: value in accepted, f"is not accepted; accepted: {list(accepted)}"))
+    rule = (lambda value: value in accepted, f"is not accepted; accepted: {list(accepted)}")
+    return ruled(default, rule, accepted=tuple(accepted))
 
 
 @dataclass
@@ -272,10 +273,19 @@ def resume_overrides(config: RunConfig) -> list[str]:
 
 
 def describe(config: RunConfig) -> str:
-    """One line per option: ``key = value  (type)``, for ``--help``."""
+    """One line per option: ``key = value  (type)``, with the accepted values of a choice, for
+    ``--help``."""
     return "\n".join(
-        f"  {key} = {value!r}  ({_type_name(_field_type(key))})" for key, value in _flatten(config.to_dict())
+        f"  {key} = {value!r}  ({_type_name(_field_type(key))}{_accepted(key)})" for key, value in _flatten(config.to_dict())
     )
+
+
+def _accepted(key: str) -> str:
+    """``": a, b, c"`` when the field ``key`` is a choice, else ``""``."""
+    section, _, name = key.rpartition(".")
+    owner = _field_type(section) if section else RunConfig
+    accepted = {item.name: item.metadata.get("accepted") for item in dataclasses.fields(owner)}[name]
+    return f": {', '.join(map(str, accepted))}" if accepted else ""
 
 
 def _require(condition: bool, message: str) -> None:
