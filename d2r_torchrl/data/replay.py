@@ -229,7 +229,7 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
             raise ValueError(f"capacity {max_capacity} is not a multiple of the {num_tasks} tasks.")
         if max_priority_ratio is not None and max_priority_ratio < 1:
             raise ValueError(f"max_priority_ratio must be >= 1 (or None for no cap), got {max_priority_ratio}.")
-        super().__init__(max_capacity, alpha, beta, eps=eps)
+        super().__init__(max_capacity, alpha, beta, eps=eps, device="cpu")  # CPU trees, whatever the storage
         self.num_tasks = num_tasks
         self.rows_per_task = max_capacity // num_tasks
         self.max_priority_ratio = max_priority_ratio
