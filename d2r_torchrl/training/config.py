@@ -16,6 +16,9 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from d2r_torchrl.envs.metaworld import EXECUTION_MODES, GOAL_MODES, REWARD_VERSIONS, resolve_tasks
+from d2r_torchrl.objectives.multitask_sac import EXTREME_LOSS_RULES
+
 ALGORITHMS = ("d2r", "soft_modular", "mt_sac", "mh_sac")
 COLLECTORS = ("sync", "multi_sync", "multi_async", "ray")
 BUFFERS = ("stratified_prioritized", "stratified", "prioritized", "uniform")
@@ -64,11 +67,11 @@ def choice(default: Any, accepted: Sequence[Any]) -> Any:
 @dataclass
 class EnvConfig:
     benchmark: str = "MT10"
-    goals: str = "random"
+    goals: str = choice("random", GOAL_MODES)
     max_episode_steps: int = ruled(200, POSITIVE)
     reward_scale: float = ruled(0.1, POSITIVE)
-    reward_function_version: str = "v2"
-    execution: str = "serial"
+    reward_function_version: str = choice("v2", REWARD_VERSIONS)
+    execution: str = choice("serial", EXECUTION_MODES)
 
 
 @dataclass
@@ -87,7 +90,7 @@ class LossConfig:
     alpha_init: float = ruled(1.0, POSITIVE)
     max_log_alpha: typing.Optional[float] = 0.0
     extreme_loss_threshold: typing.Optional[float] = 3000.0
-    extreme_loss_rule: str = "clip"
+    extreme_loss_rule: str = choice("clip", EXTREME_LOSS_RULES)
     time_limit_terminal: bool = False
     target_update_tau: float = ruled(0.005, RATE)
     actor_lr: float = ruled(3e-4, POSITIVE)
@@ -293,10 +296,6 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _choice(key: str, value: Any, accepted: Sequence[Any]) -> None:
-    _require(value in accepted, f"Invalid {key}={value!r}; accepted: {list(accepted)}.")
-
-
 def _broken_rules(config: Any, prefix: str = "") -> list[str]:
     """``"key=value rule"`` for every field of ``config`` (recursively) whose value breaks
     the rule in its metadata."""
@@ -312,20 +311,16 @@ def _broken_rules(config: Any, prefix: str = "") -> list[str]:
 
 def validate(config: RunConfig) -> RunConfig:
     """Check every value before any work starts; raises :class:`ConfigError`."""
-    from d2r_torchrl.envs.metaworld import EXECUTION_MODES, GOAL_MODES, REWARD_VERSIONS, resolve_tasks
-    from d2r_torchrl.objectives.multitask_sac import EXTREME_LOSS_RULES
-
     broken = _broken_rules(config)
     _require(not broken, f"Invalid configuration: {'; '.join(broken)}.")
     try:
         tasks = resolve_tasks(config.env.benchmark)
     except ValueError as error:
         raise ConfigError(f"env.benchmark: {error}") from None
-    _choice("device", config.device.split(":")[0], ("auto", "cpu", "cuda"))
-    _choice("env.goals", config.env.goals, GOAL_MODES)
-    _choice("env.execution", config.env.execution, EXECUTION_MODES)
-    _choice("loss.extreme_loss_rule", config.loss.extreme_loss_rule, EXTREME_LOSS_RULES)
-    _choice("env.reward_function_version", config.env.reward_function_version, REWARD_VERSIONS)
+    _require(
+        config.device.split(":")[0] in ("auto", "cpu", "cuda"),
+        f"Invalid device={config.device!r}; accepted: auto, cpu, cuda or cuda:N.",
+    )
     if config.collector.kind == "ray":
         from d2r_torchrl.training.ray_collector import require_ray
 
