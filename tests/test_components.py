@@ -8,7 +8,7 @@ from torchrl.collectors import MultiSyncCollector
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictPrioritizedReplayBuffer, TensorDictReplayBuffer
 from torchrl.objectives import SACLoss, SoftUpdate
 
-from d2r_torchrl.data.replay import random_transitions
+from d2r_torchrl.data.replay import TaskStratifiedSampler, random_transitions
 from d2r_torchrl.modules import make_actor, make_critic
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
 from d2r_torchrl.training import builders
@@ -48,16 +48,28 @@ def test_trainer_runs_a_stock_multi_sync_collector_built_over_its_actor(tmp_path
     stored = trainer.buffer[:]
     assert torch.bincount(stored["task_id"], minlength=2).tolist() == [30, 30]  # both workers' tasks
     assert (stored[ROUTE_KEY].sum(-1) == 7).all()  # D2R routes of the trainer's actor (1 + 2 * 3)
+    timings = trainer.run_dir / "scalars" / "time"
+    for phase in ("collect", "extend", "updates", "sample"):  # logged per batch by the trainer
+        rows = (timings / f"{phase}.csv").read_text().split()
+        assert len(rows) == (3 if phase in ("collect", "extend") else 2) and all(float(r.split(",")[1]) > 0 for r in rows)
 
 
 def test_stock_prioritized_memmap_buffer_trains_checkpoints_and_resumes(tmp_path):
     trainer = Trainer(small_config(tmp_path, "stock_buffer"), buffer=stock_prioritized_buffer(tmp_path / "a"))
-    seen = []
+    seen, betas = [], []
     update_fn = trainer._update_fn
-    trainer._update_fn = lambda batch: (seen.append(batch.get("priority_weight").clone()), update_fn(batch))[1]
+
+    def observed_update(batch):
+        seen.append(batch.get("priority_weight").clone())
+        betas.append(trainer.buffer.sampler.beta)
+        return update_fn(batch)
+
+    trainer._update_fn = observed_update
     tree_before = [trainer.buffer.sampler._sum_tree[i] for i in range(60)]
     trainer.train()
     assert trainer.counters.updates == 4 and len(seen) == 4
+    # beta 0.4 -> 1 over the 40 frames after the 20 warm-up frames: rounds 2 and 3 end at 40 and 60
+    assert betas == pytest.approx([0.7, 0.7, 1.0, 1.0])
     assert all(weight.shape == (8,) and (weight > 0).all() and (weight <= 1).all() for weight in seen)
     tree_after = [trainer.buffer.sampler._sum_tree[i] for i in range(60)]
     assert tree_after != tree_before  # TD errors became priorities
@@ -86,6 +98,14 @@ def test_pieces_that_cannot_serve_the_trainer_are_refused_before_any_work(tmp_pa
     wrong_key.priority_key = "priority"
     with pytest.raises(ComponentError, match="priority_key='td_error'"):
         Trainer(config, buffer=wrong_key)
+    with pytest.raises(ComponentError, match="must be a torchrl.data.ReplayBuffer"):
+        Trainer(config, buffer=[])
+    for sampler_tasks, capacity, message in ((3, 120, "built for 3 tasks"), (2, 101, "capacity 101 must be a multiple")):
+        per_task = TensorDictReplayBuffer(
+            sampler=TaskStratifiedSampler(sampler_tasks), storage=LazyTensorStorage(capacity), batch_size=12
+        )
+        with pytest.raises(ComponentError, match=message):
+            Trainer(config, buffer=per_task)
     assert not (tmp_path / "refused").exists()
     with pytest.raises(ComponentError, match="lacks update_policy_weights_, shutdown"):
         Trainer(config).train(iter([]))
@@ -94,15 +114,20 @@ def test_pieces_that_cannot_serve_the_trainer_are_refused_before_any_work(tmp_pa
 def test_a_batch_without_the_stored_keys_or_with_foreign_task_ids_is_named():
     batch = TensorDict(observation=torch.zeros(4, 39), task_id=torch.zeros(4, dtype=torch.long), batch_size=[4])
     with pytest.raises(ComponentError, match=r"lacks \['action', \('next', 'observation'\)"):
-        check_batch(batch, 2)
+        check_batch(batch, 2, equal_tasks=False)
     full = batch.update(
         {"action": torch.zeros(4, 4), "next": {"observation": torch.zeros(4, 39), "reward": torch.zeros(4, 1),
+                                               "task_id": torch.zeros(4, dtype=torch.long),
                                                "done": torch.zeros(4, 1, dtype=torch.bool),
                                                "terminated": torch.zeros(4, 1, dtype=torch.bool)}}
     )
     full["task_id"] = torch.tensor([0, 1, 2, 1])
     with pytest.raises(ComponentError, match="task ids 0..2; this run has 2 tasks"):
-        check_batch(full, 2)
+        check_batch(full, 2, equal_tasks=False)
+    full["task_id"] = torch.tensor([0, 1, 1, 1])
+    check_batch(full, 2, equal_tasks=False)
+    with pytest.raises(ComponentError, match=r"holds \[1, 3\] transitions of the 2 tasks"):
+        check_batch(full, 2, equal_tasks=True)
 
 
 def test_d2r_actor_and_critic_train_under_stock_sac_loss_on_one_task():

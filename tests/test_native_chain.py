@@ -73,6 +73,8 @@ def test_chain_paths_match_the_specification(res_routing: bool, native: bool) ->
     """Both paths against the specification, float64: 2 members, 3 slots per gate (gates 0
     and 1 repeat a source), a ragged native block; endorsement given per source (a slot
     repeating a source repeats its endorsement, as routing gives it)."""
+    if native:
+        assert native_chain.load_native_chain() is not None, "the native extension could not be built"
     inputs = chain_inputs(2, NATIVE_BLOCK + 9, 8, 6, 3, torch.float64, False)
     if res_routing:  # per (gate, member, sample, source), read at each slot
         per_source = torch.rand(*inputs["index"].shape[:-1], 6, generator=torch.Generator().manual_seed(5)) > 0.4

@@ -81,6 +81,22 @@ def test_an_extreme_td_error_is_capped_at_the_ratio_times_the_task_median():
     assert torch.allclose(frequency[1::T], torch.full((ROWS,), 1 / ROWS), atol=0.03)
 
 
+def test_new_transitions_enter_at_their_own_tasks_cap():
+    torch.manual_seed(6)
+    ratio = 10.0
+    buffer = filled_buffer(max_priority_ratio=ratio, capacity=T * (ROWS + 1))
+    td_error = torch.ones(T * ROWS)
+    td_error[0::T] = 1000.0  # task 0 works at a thousand times task 1's scale
+    buffer.update_priority(torch.arange(T * ROWS), td_error)
+    new = torch.arange(T * ROWS, T * (ROWS + 1))
+    buffer.extend(TensorDict(task_id=new % T, x=new.float(), batch_size=[T]))
+    batch = buffer.sample()
+    frequency = torch.bincount(batch["index"], minlength=T * (ROWS + 1)).float() / 4000
+    share = ratio ** ALPHA / (ratio ** ALPHA + ROWS)  # the new task-1 row against 8 at the median
+    assert abs(frequency[new[1]].item() - share) < 0.03  # TorchRL's global maximum (1000) would give ~0.9
+    assert buffer.sampler.task_cap.tolist() == [ratio * 1000.0, ratio, ratio]
+
+
 def test_sampled_batches_update_their_own_transitions_through_the_buffer():
     torch.manual_seed(3)
     buffer = filled_buffer(batch_size=T * 2)

@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -29,6 +30,7 @@ from torchrl.data import (
 )
 from torchrl.data.replay_buffers.checkpointers import StorageCheckpointerBase, TensorStorageCheckpointer
 from torchrl.data.replay_buffers.samplers import PrioritizedSampler, RandomSampler, Sampler
+from torchrl.data.replay_buffers.storages import Storage
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
@@ -208,12 +210,16 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
 
     Bounded priorities: each priority given to :meth:`update_priority` is capped at
     ``max_priority_ratio`` times the median of the priorities given for the same task in
-    that call (a sampled batch brings ``batch_size // T`` per task), so however large its
-    TD error, a transition is drawn at most ``max_priority_ratio ** alpha`` times as often
-    as one at that median. New transitions get TorchRL's default, the largest priority
-    written so far. ``tests/test_replay.py`` checks the batch shares, the sampling
-    probabilities, the weights and the cap against direct computations.
+    that call (a sampled batch brings ``batch_size // T`` per task), and new transitions
+    (:meth:`mark_update`) enter at their task's latest cap (TorchRL's default, the largest
+    priority so far, before the task's first update). So however large its TD error, a
+    transition is drawn at most ``max_priority_ratio ** alpha`` times as often as one at
+    its task's median. The trees are float64 (a task's share of the sum keeps row
+    resolution at 1e7 transitions). ``tests/test_replay.py`` checks the batch shares, the
+    sampling probabilities, the weights and the cap against direct computations.
     """
+
+    TASK_CAP_FILE = "task_cap.json"
 
     def __init__(
         self,
@@ -229,16 +235,17 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
             raise ValueError(f"capacity {max_capacity} is not a multiple of the {num_tasks} tasks.")
         if max_priority_ratio is not None and max_priority_ratio < 1:
             raise ValueError(f"max_priority_ratio must be >= 1 (or None for no cap), got {max_priority_ratio}.")
-        super().__init__(max_capacity, alpha, beta, eps=eps, device="cpu")  # CPU trees, whatever the storage
+        super().__init__(max_capacity, alpha, beta, eps=eps, dtype=torch.float64, device="cpu")  # whatever the storage
         self.num_tasks = num_tasks
         self.rows_per_task = max_capacity // num_tasks
         self.max_priority_ratio = max_priority_ratio
+        self.task_cap = torch.full((num_tasks,), float("nan"), dtype=torch.float64)  # NaN: no update yet
 
     def tree_index(self, index: torch.Tensor) -> torch.Tensor:
         """Storage positions -> positions in the task-major trees."""
         return (index % self.num_tasks) * self.rows_per_task + index // self.num_tasks
 
-    def sample(self, storage, batch_size: int) -> tuple[torch.Tensor, dict]:
+    def sample(self, storage: Storage, batch_size: int) -> tuple[torch.Tensor, dict]:
         rows, per_task = stored_rows_and_share(len(storage), batch_size, self.num_tasks)
         start = torch.arange(self.num_tasks) * self.rows_per_task
         stop = start + rows
@@ -246,17 +253,18 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
         task_min = torch.as_tensor(self._min_tree.query(start, stop), dtype=torch.float64)
         before = torch.cumsum(task_sum, 0) - task_sum  # the tree is zero outside the stored rows
         uniform = torch.rand(per_task, self.num_tasks, dtype=torch.float64, generator=self._rng)
-        mass = (before + uniform * task_sum).flatten().to(torch.float32)  # the trees' dtype
-        found = torch.as_tensor(self._sum_tree.scan_lower_bound(mass))
+        found = torch.as_tensor(self._sum_tree.scan_lower_bound((before + uniform * task_sum).flatten()))
         found = torch.minimum(torch.maximum(found.view(per_task, -1), start), stop - 1)  # rounding at range ends
         weight = (torch.as_tensor(self._sum_tree[found.flatten()]).view_as(found) / task_min).pow(-self._beta)
         index = (found - start) * self.num_tasks + torch.arange(self.num_tasks)
         return index.flatten(), {"priority_weight": weight.flatten().to(torch.float32)}
 
     @torch.no_grad()
-    def update_priority(self, index, priority, *, storage=None) -> None:
-        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-        priority = torch.as_tensor(priority, dtype=torch.float64).reshape(-1).expand(index.shape)
+    def update_priority(
+        self, index: torch.Tensor | int, priority: torch.Tensor | float, *, storage: Storage | None = None
+    ) -> None:
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
+        priority = torch.as_tensor(priority, dtype=torch.float64).reshape(-1).cpu().expand(index.shape)
         keep = index >= 0  # TorchRL marks entries not to update with -1
         index, priority = index[keep], priority[keep]
         if index.numel() == 0:
@@ -264,8 +272,32 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
         if self.max_priority_ratio is not None:
             task = index % self.num_tasks
             cap = self.max_priority_ratio * per_task_median(priority, task, self.num_tasks)
+            self.task_cap = torch.where(torch.isnan(cap), self.task_cap, cap)
             priority = torch.minimum(priority, cap[task])
-        super().update_priority(self.tree_index(index), priority.to(torch.float32))
+        super().update_priority(self.tree_index(index), priority)
+
+    @torch.no_grad()
+    def mark_update(self, index: torch.Tensor | int, *, storage: Storage | None = None) -> None:
+        """New transitions: their task's latest cap, or TorchRL's default priority before it."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
+        cap = self.task_cap[index % self.num_tasks]
+        priority = torch.where(torch.isnan(cap), torch.as_tensor(self.default_priority, dtype=torch.float64), cap)
+        super().update_priority(self.tree_index(index), priority)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "task_cap": self.task_cap.clone()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.task_cap = state_dict["task_cap"].clone()
+
+    def dumps(self, path) -> None:
+        super().dumps(path)
+        (Path(path) / self.TASK_CAP_FILE).write_text(json.dumps(self.task_cap.tolist()))
+
+    def loads(self, path) -> None:
+        super().loads(path)
+        self.task_cap = torch.tensor(json.loads((Path(path) / self.TASK_CAP_FILE).read_text()), dtype=torch.float64)
 
     def __repr__(self) -> str:
         return (

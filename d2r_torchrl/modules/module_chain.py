@@ -138,7 +138,7 @@ class ModuleChain(torch.autograd.Function):
 
     Plain autograd needs, at every gate, one tensor holding all earlier module outputs to
     pick each sample's sources from (``O(N^2)`` copies per pass: the specification's chain
-    dispatches about twice the kernels and takes about 2.5x the time on the CPU,
+    dispatches 1.85x the kernels and takes 2.7x the time on the CPU,
     ``benchmarks/bench_chain_forms.py``). Here the outputs live in
     one module-major buffer ``[N * E * B, d]`` that each gate reads with one
     ``embedding_bag`` (gather and weighted sum fused). The backward keeps only that buffer

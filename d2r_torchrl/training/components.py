@@ -12,13 +12,17 @@ must provide, checked before any work, with errors that name what is missing.
   (TorchRL's own). A prioritized one (a ``PrioritizedSampler``) must be a
   ``TensorDictReplayBuffer`` (it returns ``index`` and ``priority_weight`` with each sample
   and takes ``update_tensordict_priority``) reading its priorities from ``td_error``. A
-  per-task sampler of :mod:`d2r_torchrl.data.replay` must be built for the run's ``T`` tasks
-  with a batch size that is a multiple of ``T``.
+  per-task sampler of :mod:`d2r_torchrl.data.replay` must be built for the run's ``T`` tasks,
+  over a storage of its own capacity, a multiple of ``T``, with a batch size that is a
+  multiple of ``T``; every collected batch then holds each task equally often. A
+  prioritized buffer's importance-sampling exponent follows the run's schedule
+  (``buffer.priority_beta`` to ``buffer.priority_beta_final``).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from tensordict import TensorDictBase
 from torchrl.data import ReplayBuffer, TensorDictReplayBuffer
 from torchrl.data.replay_buffers.samplers import PrioritizedSampler
@@ -30,6 +34,7 @@ REQUIRED_BATCH_KEYS = (
     "task_id",
     "action",
     ("next", "observation"),
+    ("next", "task_id"),
     ("next", "reward"),
     ("next", "done"),
     ("next", "terminated"),
@@ -78,13 +83,19 @@ def check_buffer(buffer: Any, num_tasks: int, warmup_frames: int, priority_key: 
                 f"{priority_key!r}: build it with priority_key={priority_key!r}."
             )
     interleaved = task_interleaving(buffer)
-    if interleaved is not None and interleaved != num_tasks:
+    if interleaved is None:
+        return
+    if interleaved != num_tasks:
         raise ComponentError(f"{name} is built for {interleaved} tasks; this run has {num_tasks}.")
-    if interleaved is not None and buffer.batch_size % num_tasks:
-        raise ComponentError(
-            f"{name} samples every task equally: its batch size {buffer.batch_size} must be a multiple "
-            f"of the {num_tasks} tasks."
-        )
+    for what, size in (("batch size", buffer.batch_size), ("capacity", buffer.storage.max_size)):
+        if size % num_tasks:
+            raise ComponentError(
+                f"{name} keeps and samples every task equally: its {what} {size} must be a multiple of the "
+                f"{num_tasks} tasks."
+            )
+    sampler_size = getattr(buffer.sampler, "max_size", buffer.storage.max_size)
+    if sampler_size != buffer.storage.max_size:
+        raise ComponentError(f"{name}: its sampler holds {sampler_size} priorities for {buffer.storage.max_size} slots.")
 
 
 def check_collector(collector: Any) -> None:
@@ -99,9 +110,10 @@ def check_collector(collector: Any) -> None:
         )
 
 
-def check_batch(batch: Any, num_tasks: int) -> None:
+def check_batch(batch: Any, num_tasks: int, equal_tasks: bool) -> None:
     """Raise :class:`ComponentError` unless a collected ``batch`` holds the keys the trainer
-    stores (:data:`REQUIRED_BATCH_KEYS`) with task ids in ``[0, num_tasks)``."""
+    stores (:data:`REQUIRED_BATCH_KEYS`) with task ids in ``[0, num_tasks)`` and, with
+    ``equal_tasks`` (a per-task buffer), as many transitions of every task."""
     if not isinstance(batch, TensorDictBase):
         raise ComponentError(f"The collector yielded a {type(batch).__name__}; the trainer needs TensorDict batches.")
     present = set(batch.keys(True, True))
@@ -116,4 +128,10 @@ def check_batch(batch: Any, num_tasks: int) -> None:
         raise ComponentError(
             f"A collected batch has task ids {int(task_id.min())}..{int(task_id.max())}; this run has "
             f"{num_tasks} tasks (ids 0..{num_tasks - 1})."
+        )
+    counts = torch.bincount(task_id.reshape(-1), minlength=num_tasks)
+    if equal_tasks and not bool((counts == counts[0]).all()):
+        raise ComponentError(
+            f"A collected batch holds {counts.tolist()} transitions of the {num_tasks} tasks; the per-task "
+            "buffer needs every task equally often in every batch (step all tasks together)."
         )

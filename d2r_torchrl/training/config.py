@@ -179,8 +179,12 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         """A configuration from :meth:`to_dict` output, e.g. an older run's ``config.json``:
-        keys missing there take today's defaults, keys of :data:`REMOVED_KEYS` are dropped."""
-        return _updated(cls(), {key: value for key, value in _flatten(data) if key not in REMOVED_KEYS})
+        keys missing there take today's defaults (but ``buffer.priority_beta_final``, which
+        keeps such a run's constant ``priority_beta``), keys of :data:`REMOVED_KEYS` are dropped."""
+        values = {key: value for key, value in _flatten(data) if key not in REMOVED_KEYS}
+        if "buffer.priority_beta" in values:  # runs from before annealing kept beta constant
+            values.setdefault("buffer.priority_beta_final", values["buffer.priority_beta"])
+        return _updated(cls(), values)
 
 
 def preset(algorithm: str, benchmark: str) -> RunConfig:
@@ -245,9 +249,14 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _field_type(key: str) -> Any:
+    """The annotated type of the dotted ``key``; :class:`ConfigError` for an unknown key."""
     target: Any = RunConfig
     for name in key.split("."):
-        target = typing.get_type_hints(target)[name]
+        hints = typing.get_type_hints(target) if dataclasses.is_dataclass(target) else {}
+        if name not in hints:
+            known = [item for item, _ in _flatten(RunConfig().to_dict())]
+            raise ConfigError(f"Unknown config key {key!r}; accepted keys: {', '.join(known)}.")
+        target = hints[name]
     return target
 
 

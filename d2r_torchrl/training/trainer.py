@@ -108,7 +108,6 @@ class Trainer:
         self.interleave_tasks = task_interleaving(self.buffer)
         self.prioritized = isinstance(self.buffer.sampler, PrioritizedSampler)
         self._check_disk()
-        self._beta_start = self.buffer.sampler.beta if self.prioritized else None
         self.counters = checkpointing.Counters()
         components = {"loss": self.loss, "counters": self.counters}
         components.update({f"optim_{name}": opt for name, opt in self.optimizers.items()})
@@ -118,6 +117,8 @@ class Trainer:
         self.logger = make_logger(config, self.run_dir)
         self._stop_signal: int | None = None
         self._saved_counters: dict[str, int] | None = None
+        self._batch_checked = False
+        self._timed = _phase_totals()  # timeit's totals at the last log
         (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     def _new_run_dir(self) -> Path:
@@ -219,6 +220,7 @@ class Trainer:
         """
         if collector is not None:
             check_collector(collector)
+        self._batch_checked = False
         total_frames = self.config.collector.total_steps_per_task * self.num_tasks
         summary: dict[str, float] = {}
         if self.counters.frames >= total_frames and not self.counters.pending_updates:
@@ -260,7 +262,8 @@ class Trainer:
             with timeit("time/extend"):
                 self._add_batch(data)
         if self.counters.pending_updates:
-            self._run_pending_updates()  # sample and update (times "time/sample", "time/update")
+            with timeit("time/updates", sync=True):  # sample, update, priorities; CUDA work included
+                self._run_pending_updates()
             if self.counters.pending_updates:  # cut short by a stop signal
                 return {}
             if collector is not None:
@@ -280,8 +283,9 @@ class Trainer:
 
     def _add_batch(self, data: TensorDictBase) -> None:
         """Store a collected batch, advance the counters and owe its updates (none in warm-up)."""
-        if self.counters.frames == self.counters.batch_start_frames == 0:
-            check_batch(data, self.num_tasks)
+        if not self._batch_checked:  # the first batch of each train()
+            check_batch(data, self.num_tasks, equal_tasks=self.interleave_tasks is not None)
+            self._batch_checked = True
         cfg = self.config.collector
         frames_per_round = cfg.steps_per_task * self.num_tasks
         self.buffer.extend(prepare_transitions(data, self.num_route_logits, self.interleave_tasks))
@@ -329,11 +333,10 @@ class Trainer:
         """
         with timeit("time/sample"):
             batch = self.buffer.sample().to(self.device)
-        with timeit("time/update"):
-            try:
-                losses = self._update_fn(batch)
-            except NonFiniteLossError as error:
-                raise self._non_finite(error) from None
+        try:
+            losses = self._update_fn(batch)
+        except NonFiniteLossError as error:
+            raise self._non_finite(error) from None
         if self.prioritized:
             with timeit("time/priority"):
                 batch.set(self.loss.tensor_keys.priority, losses.get(self.loss.tensor_keys.priority))
@@ -342,13 +345,13 @@ class Trainer:
         return losses
 
     def priority_beta(self) -> float:
-        """PER's importance-sampling exponent for the next updates: linear from the buffer's
-        initial ``beta`` to ``buffer.priority_beta_final`` over the frames after the warm-up
-        (a function of the frame counter, so a resumed run continues the schedule)."""
+        """PER's importance-sampling exponent for the next updates: linear from
+        ``buffer.priority_beta`` to ``buffer.priority_beta_final`` over the frames after the
+        warm-up (a function of the frame counter, so a resumed run continues the schedule)."""
         warmup = self._warmup_frames()
         total = self.config.collector.total_steps_per_task * self.num_tasks
         progress = (self.counters.frames - warmup) / max(total - warmup, 1)
-        return annealed_beta(self._beta_start, self.config.buffer.priority_beta_final, progress)
+        return annealed_beta(self.config.buffer.priority_beta, self.config.buffer.priority_beta_final, progress)
 
     def _non_finite(self, error: NonFiniteLossError) -> NonFiniteLossError:
         return NonFiniteLossError(
@@ -385,15 +388,16 @@ class Trainer:
 
     def _log_timings(self) -> dict[str, str]:
         """Log the seconds each phase of the loop took since the last call (``time/collect``,
-        ``time/extend``, ``time/sample``, ``time/update``, ``time/priority``,
-        ``time/evaluate``, ``time/checkpoint``; TorchRL's ``timeit``), then restart them;
+        ``time/extend``, ``time/updates`` with its parts ``time/sample`` and
+        ``time/priority``, ``time/evaluate``, ``time/checkpoint``; TorchRL's ``timeit``);
         returns them as ``{phase: "1.2s"}`` for the progress bar."""
-        shown = {}
-        for key, seconds in timeit.todict(percall=False).items():
-            if key.startswith("time/") and seconds:
+        totals, shown = _phase_totals(), {}
+        for key, total in totals.items():
+            seconds = total - self._timed.get(key, 0.0)
+            if seconds > 0:
                 self.logger.log_scalar(key, seconds, step=self.counters.frames)
                 shown[key.removeprefix("time/")] = f"{seconds:.1f}s"
-        timeit.erase()
+        self._timed = totals
         return shown
 
     def save(self) -> Path:
@@ -408,6 +412,11 @@ class Trainer:
         path = checkpointing.save(self.checkpoint, self.run_dir, metadata)
         self._saved_counters = self.counters.state_dict()
         return path
+
+
+def _phase_totals() -> dict[str, float]:
+    """Seconds ``timeit`` has recorded so far under each ``time/...`` phase of the loop."""
+    return {key: total for key, total in timeit.todict(percall=False).items() if key.startswith("time/")}
 
 
 def _check_same_buffer(run_dir: Path, saved: dict | None, buffer: ReplayBuffer | None) -> None:
