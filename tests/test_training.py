@@ -221,7 +221,12 @@ def test_config_json_of_an_earlier_version_loads_with_todays_defaults():
     assert loaded.loss.gamma == 0.98 and loaded.buffer.max_priority_ratio == 10.0
     assert "chain_kernels" not in loaded.to_dict()["compile"]
     assert differences(old, loaded.to_dict()) == {}  # a resumed run finds nothing changed
-    assert differences(old, preset("d2r", "MT10").to_dict()) == {"loss.gamma": (0.98, 0.99)}
+    # a run from before beta was annealed keeps its constant beta
+    assert loaded.buffer.priority_beta_final == loaded.buffer.priority_beta == 0.4
+    assert differences(old, preset("d2r", "MT10").to_dict()) == {
+        "buffer.priority_beta_final": (0.4, 1.0),
+        "loss.gamma": (0.98, 0.99),
+    }
 
 
 def test_presets_follow_reference_values():

@@ -214,8 +214,7 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
     (:meth:`mark_update`) enter at their task's latest cap (TorchRL's default, the largest
     priority so far, before the task's first update). So however large its TD error, a
     transition is drawn at most ``max_priority_ratio ** alpha`` times as often as one at
-    its task's median. The trees are float64 (a task's share of the sum keeps row
-    resolution at 1e7 transitions). ``tests/test_replay.py`` checks the batch shares, the
+    its task's median. ``tests/test_replay.py`` checks the batch shares, the
     sampling probabilities, the weights and the cap against direct computations.
     """
 
@@ -235,7 +234,7 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
             raise ValueError(f"capacity {max_capacity} is not a multiple of the {num_tasks} tasks.")
         if max_priority_ratio is not None and max_priority_ratio < 1:
             raise ValueError(f"max_priority_ratio must be >= 1 (or None for no cap), got {max_priority_ratio}.")
-        super().__init__(max_capacity, alpha, beta, eps=eps, dtype=torch.float64, device="cpu")  # whatever the storage
+        super().__init__(max_capacity, alpha, beta, eps=eps, device="cpu")  # CPU trees, whatever the storage
         self.num_tasks = num_tasks
         self.rows_per_task = max_capacity // num_tasks
         self.max_priority_ratio = max_priority_ratio
@@ -253,7 +252,8 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
         task_min = torch.as_tensor(self._min_tree.query(start, stop), dtype=torch.float64)
         before = torch.cumsum(task_sum, 0) - task_sum  # the tree is zero outside the stored rows
         uniform = torch.rand(per_task, self.num_tasks, dtype=torch.float64, generator=self._rng)
-        found = torch.as_tensor(self._sum_tree.scan_lower_bound((before + uniform * task_sum).flatten()))
+        mass = (before + uniform * task_sum).flatten().to(torch.float32)  # the trees' dtype
+        found = torch.as_tensor(self._sum_tree.scan_lower_bound(mass))
         found = torch.minimum(torch.maximum(found.view(per_task, -1), start), stop - 1)  # rounding at range ends
         weight = (torch.as_tensor(self._sum_tree[found.flatten()]).view_as(found) / task_min).pow(-self._beta)
         index = (found - start) * self.num_tasks + torch.arange(self.num_tasks)
@@ -274,7 +274,7 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
             cap = self.max_priority_ratio * per_task_median(priority, task, self.num_tasks)
             self.task_cap = torch.where(torch.isnan(cap), self.task_cap, cap)
             priority = torch.minimum(priority, cap[task])
-        super().update_priority(self.tree_index(index), priority)
+        super().update_priority(self.tree_index(index), priority.to(torch.float32))  # the trees' dtype
 
     @torch.no_grad()
     def mark_update(self, index: torch.Tensor | int, *, storage: Storage | None = None) -> None:
@@ -282,7 +282,7 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
         index = torch.as_tensor(index, dtype=torch.long).reshape(-1).cpu()
         cap = self.task_cap[index % self.num_tasks]
         priority = torch.where(torch.isnan(cap), torch.as_tensor(self.default_priority, dtype=torch.float64), cap)
-        super().update_priority(self.tree_index(index), priority)
+        super().update_priority(self.tree_index(index), priority.to(torch.float32))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "task_cap": self.task_cap.clone()}
