@@ -229,8 +229,7 @@ def _updated(config: RunConfig, values: dict[str, Any]) -> RunConfig:
         try:
             OmegaConf.update(merged, key, value, force_add=False)
         except (ConfigKeyError, ConfigAttributeError):
-            known = [name for name, _ in _flatten(config.to_dict())]
-            raise ConfigError(f"Unknown config key {key!r}; accepted keys: {', '.join(known)}.") from None
+            raise _unknown_key(key) from None
         except ValidationError:
             kind = _field_type(key)
             expected = f"one of its fields, as {key}.<field>=..." if dataclasses.is_dataclass(kind) else _type_name(kind)
@@ -248,14 +247,18 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+def _unknown_key(key: str) -> ConfigError:
+    known = [name for name, _ in _flatten(RunConfig().to_dict())]
+    return ConfigError(f"Unknown config key {key!r}; accepted keys: {', '.join(known)}.")
+
+
 def _field_type(key: str) -> Any:
     """The annotated type of the dotted ``key``; :class:`ConfigError` for an unknown key."""
     target: Any = RunConfig
     for name in key.split("."):
         hints = typing.get_type_hints(target) if dataclasses.is_dataclass(target) else {}
         if name not in hints:
-            known = [item for item, _ in _flatten(RunConfig().to_dict())]
-            raise ConfigError(f"Unknown config key {key!r}; accepted keys: {', '.join(known)}.")
+            raise _unknown_key(key)
         target = hints[name]
     return target
 

@@ -132,9 +132,12 @@ class Trainer:
         shutil.rmtree(run_dir / "buffer", ignore_errors=True)  # from a run that never saved a checkpoint
         return run_dir
 
+    @property
+    def _frames_per_round(self) -> int:
+        return self.config.collector.steps_per_task * self.num_tasks
+
     def _warmup_frames(self) -> int:
-        cfg = self.config.collector
-        return cfg.warmup_rounds * cfg.steps_per_task * self.num_tasks
+        return self.config.collector.warmup_rounds * self._frames_per_round
 
     def _check_disk(self) -> None:
         observation_dim, action_spec = builders.policy_specs(self.eval_envs)
@@ -287,7 +290,7 @@ class Trainer:
             check_batch(data, self.num_tasks, equal_tasks=self.interleave_tasks is not None)
             self._batch_checked = True
         cfg = self.config.collector
-        frames_per_round = cfg.steps_per_task * self.num_tasks
+        frames_per_round = self._frames_per_round
         self.buffer.extend(prepare_transitions(data, self.num_route_logits, self.interleave_tasks))
         self.counters.batch_start_frames = self.counters.frames
         self.counters.frames += data.numel()
@@ -297,8 +300,7 @@ class Trainer:
 
     def _round_crossed(self, interval: int) -> bool:
         """Whether the last batch crossed a multiple of ``interval`` rounds."""
-        frames_per_round = self.config.collector.steps_per_task * self.num_tasks
-        return _crossed(self.counters.batch_start_frames // frames_per_round, self.counters.rounds, interval)
+        return _crossed(self.counters.batch_start_frames // self._frames_per_round, self.counters.rounds, interval)
 
     def _run_pending_updates(self) -> None:
         """Run the owed updates (a stop signal ends this after the update in progress); log
