@@ -56,7 +56,7 @@ def compare(groups: dict[str, list[Path]], out: Path) -> dict:
     overlap = np.maximum(a.lower, b.lower) <= np.minimum(a.upper, b.upper)
     summary = {
         "frames": frames.tolist(),
-        **{name: {"iqm": e.point.tolist(), "lower": e.lower.tolist(), "upper": e.upper.tolist()} for name, e in estimates.items()},
+        "groups": {name: {"iqm": e.point.tolist(), "lower": e.lower.tolist(), "upper": e.upper.tolist()} for name, e in estimates.items()},
         "overlap": overlap.tolist(),
         "runs": {name: {str(run): run_facts(run) for run in runs} for name, runs in groups.items()},
     }
@@ -68,7 +68,7 @@ def compare(groups: dict[str, list[Path]], out: Path) -> dict:
 
 def _markdown(summary: dict, first: str, second: str) -> str:
     def cell(name: str, i: int) -> str:
-        s = summary[name]
+        s = summary["groups"][name]
         return f"{s['iqm'][i]:.2f} [{s['lower'][i]:.2f}, {s['upper'][i]:.2f}]"
 
     lines = [
@@ -101,10 +101,12 @@ def main() -> int:
     args = parser.parse_args()
     if len(args.group) != 2 or any(len(group) < 2 for group in args.group):
         parser.error("give --group NAME RUN_DIR [RUN_DIR ...] exactly twice")
+    if args.group[0][0] == args.group[1][0]:
+        parser.error(f"the two groups need different names, both are {args.group[0][0]!r}")
     groups = {name: [Path(run) for run in runs] for name, *runs in args.group}
     unfinished = [str(run) for runs in groups.values() for run in runs if run_status(run) != "done"]
     if unfinished:
-        parser.error(f"these runs have not finished: {', '.join(unfinished)}")
+        parser.error(f"these runs have not finished (no sweep.json saying done): {', '.join(unfinished)}")
     args.out.mkdir(parents=True, exist_ok=True)
     compare(groups, args.out)
     print((args.out / "comparison.md").read_text())
