@@ -2,7 +2,7 @@
 
 Each group is a list of run directories (e.g. the seeds of one sweep); the IQM pools every
 (run, task) score at a point and the interval is rliable's stratified bootstrap over runs
-(:func:`d2r_torchrl.analysis.aggregate.iqm_intervals`). Per run it lists the final success
+(:func:`d2r_torchrl.analysis.aggregate.write_report`). Per run it lists the final success
 of each task, the largest critic loss logged (a diverging critic shows there first) and the
 wall seconds of its ``sweep.json``. Writes ``comparison.md`` and ``comparison.json`` to
 ``--out``, beside the final IQM of both metrics and their curves from
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from d2r_torchrl.analysis.aggregate import iqm_intervals, load_scores, run_tasks, write_report  # noqa: E402
+from d2r_torchrl.analysis.aggregate import run_tasks, write_report  # noqa: E402
 from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
 
 
@@ -48,19 +48,15 @@ def run_facts(run_dir: Path) -> dict:
 def compare(groups: dict[str, list[Path]], out: Path) -> dict:
     """The per-point IQM table of two groups, whether their intervals overlap, and the per-run facts."""
     first, second = groups
-    loaded = {name: load_scores(runs, "success") for name, runs in groups.items()}
-    points = min(len(frames) for frames, _ in loaded.values())
-    frames = loaded[first][0][:points]
-    estimates = iqm_intervals({name: scores[..., :points] for name, (_, scores) in loaded.items()})
-    a, b = estimates[first], estimates[second]
-    overlap = np.maximum(a.lower, b.lower) <= np.minimum(a.upper, b.upper)
+    success = {name: result["success"] for name, result in write_report(groups, out).items()}
+    points = min(len(result["frames"]) for result in success.values())
+    a, b = ({key: np.asarray(result[key][:points]) for key in ("iqm", "lower", "upper")} for result in success.values())
     summary = {
-        "frames": frames.tolist(),
-        "groups": {name: {"iqm": e.point.tolist(), "lower": e.lower.tolist(), "upper": e.upper.tolist()} for name, e in estimates.items()},
-        "overlap": overlap.tolist(),
+        "frames": success[first]["frames"][:points],
+        "groups": {name: {key: values.tolist() for key, values in result.items()} for name, result in zip(groups, (a, b))},
+        "overlap": (np.maximum(a["lower"], b["lower"]) <= np.minimum(a["upper"], b["upper"])).tolist(),
         "runs": {name: {str(run): run_facts(run) for run in runs} for name, runs in groups.items()},
     }
-    write_report(groups, out)
     (out / "comparison.json").write_text(json.dumps(summary, indent=2))
     (out / "comparison.md").write_text(_markdown(summary, first, second))
     return summary

@@ -129,8 +129,10 @@ def check_batch(batch: Any, num_tasks: int, equal_tasks: bool) -> None:
             f"A collected batch has task ids {int(task_id.min())}..{int(task_id.max())}; this run has "
             f"{num_tasks} tasks (ids 0..{num_tasks - 1})."
         )
+    if not equal_tasks:
+        return
     counts = torch.bincount(task_id.reshape(-1), minlength=num_tasks)
-    if equal_tasks and not bool((counts == counts[0]).all()):
+    if not bool((counts == counts[0]).all()):
         raise ComponentError(
             f"A collected batch holds {counts.tolist()} transitions of the {num_tasks} tasks; the per-task "
             "buffer needs every task equally often in every batch (step all tasks together)."
