@@ -94,7 +94,7 @@ def build_reference(num_tasks: int, batch_size: int) -> Callable[[], None]:
         plr=3e-4,
         qlr=3e-4,
         batch_size=batch_size,
-        max_log_alpha=0.0,
+        max_alpha=1.0,
         temp_reweight=True,
         mask_extreme_task=True,
         task_loss_threshold=3e3,

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase
+from tensordict.nn import TensorDictModuleBase, TensorDictSequential
+from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.data import TensorSpec
 from torchrl.modules import ProbabilisticActor, TanhNormal
@@ -24,6 +25,7 @@ from d2r_torchrl.modules.d2r import D2RNetwork
 from d2r_torchrl.modules.routing import RoutingMode, routing_mode
 from d2r_torchrl.modules.task_conditioning import check_task_range
 
+TASK_KEY = "task_id"
 ROUTE_KEY = ("routing", "path")
 ROUTE_LOGITS_KEY = ("routing", "logits")
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
@@ -67,30 +69,40 @@ def d2r_networks(module: nn.Module) -> list[D2RNetwork]:
 
 
 class _MultiTaskModule(TensorDictModuleBase):
-    """Shared plumbing: runs ``network(features, task_id)`` and records routing."""
+    """Shared plumbing: runs ``network(features, task_id)`` and records routing.
 
-    def __init__(self, network: nn.Module, in_keys: list, out_keys: list) -> None:
+    ``task_key`` (default ``"task_id"``) and ``route_key`` (default ``("routing", "path")``)
+    are the keys read and written; :func:`set_multitask_keys` renames them.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
         self.routed = isinstance(network, D2RNetwork)
-        if self.routed:
-            out_keys = out_keys + self._routing_out_keys()
-        self.in_keys = in_keys
-        self.out_keys = out_keys
+        self.task_key: NestedKey = TASK_KEY
+        self.route_key: NestedKey = ROUTE_KEY
+        self.in_keys, self.out_keys = self._keys()
         super().__init__()
         self.network = network
 
-    def _routing_out_keys(self) -> list:
-        return []
+    def _keys(self) -> tuple[list, list]:
+        """``(in_keys, out_keys)`` under the current key names."""
+        raise NotImplementedError
+
+    def rename_keys(self, task_id: NestedKey | None = None, route: NestedKey | None = None) -> None:
+        """Read the task index from ``task_id`` and the route from/to ``route`` (``None``: unchanged)."""
+        self.task_key = task_id if task_id is not None else self.task_key
+        self.route_key = route if route is not None else self.route_key
+        self.in_keys, self.out_keys = self._keys()
 
     def _run(self, tensordict: TensorDictBase, features: torch.Tensor) -> torch.Tensor:
-        task_id = tensordict.get("task_id")
+        task_id = tensordict.get(self.task_key)
         if not self.routed:
             return self.network(features, task_id)
         behaviour = None
         if routing_mode() is RoutingMode.BEHAVIOUR:
-            behaviour = tensordict.get(ROUTE_KEY, None)
+            behaviour = tensordict.get(self.route_key, None)
             if behaviour is None:
                 raise KeyError(
-                    f"Routing mode 'behaviour' needs the stored route {ROUTE_KEY} in the input; "
+                    f"Routing mode 'behaviour' needs the stored route {self.route_key} in the input; "
                     f"found keys {list(tensordict.keys(True, True))}."
                 )
         out, logits, route = self.network(features, task_id, behaviour)
@@ -107,18 +119,16 @@ class PolicyParams(_MultiTaskModule):
     A D2R policy also writes the router logits and the route it took.
     """
 
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__(network, ["observation", "task_id"], ["loc", "scale"])
-
-    def _routing_out_keys(self) -> list:
-        return [ROUTE_LOGITS_KEY, ROUTE_KEY]
+    def _keys(self) -> tuple[list, list]:
+        routing = [ROUTE_LOGITS_KEY, self.route_key] if self.routed else []
+        return ["observation", self.task_key], ["loc", "scale", *routing]
 
     def _write_routing(self, tensordict: TensorDictBase, logits, route) -> None:
         tensordict.set(ROUTE_LOGITS_KEY, logits)
-        tensordict.set(ROUTE_KEY, route)
+        tensordict.set(self.route_key, route)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        check_task_range(tensordict.get("task_id"), self.network.num_tasks)
+        check_task_range(tensordict.get(self.task_key), self.network.num_tasks)
         out = self._run(tensordict, tensordict.get("observation"))
         loc, log_std = out.chunk(2, dim=-1)
         tensordict.set("loc", loc)
@@ -129,13 +139,28 @@ class PolicyParams(_MultiTaskModule):
 class QValue(_MultiTaskModule):
     """``Q(s, a)`` from ``observation ⊕ action``; writes ``state_action_value`` ``[*B, 1]``."""
 
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__(network, ["observation", "action", "task_id"], ["state_action_value"])
+    def _keys(self) -> tuple[list, list]:
+        return ["observation", "action", self.task_key], ["state_action_value"]
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         features = torch.cat([tensordict.get("observation"), tensordict.get("action")], dim=-1)
         tensordict.set("state_action_value", self._run(tensordict, features))
         return tensordict
+
+
+def set_multitask_keys(module: nn.Module, *, task_id: NestedKey | None = None, route: NestedKey | None = None) -> None:
+    """Rename the task and route keys of every project actor/critic inside ``module`` (an actor,
+    a critic or anything holding them) and refresh the ``in_keys``/``out_keys`` of the
+    TensorDict sequences around them (``None``: unchanged)."""
+    for child in module.modules():
+        if isinstance(child, _MultiTaskModule):
+            child.rename_keys(task_id, route)
+    sequences = [m for m in module.modules() if isinstance(m, TensorDictSequential)]
+    sequences += [m.__dict__["_det_part"] for m in sequences if m.__dict__.get("_det_part") is not None]
+    for sequence in reversed(sequences):  # innermost first
+        in_keys, out_keys = sequence._compute_in_and_out_keys(list(sequence.module))
+        sequence.in_keys, sequence.out_keys = in_keys, out_keys
+        sequence._complete_out_keys = list(out_keys)
 
 
 def make_actor(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d2r_torchrl.modules.init import hidden_linear, init_hidden, mlp, output_linear
+from d2r_torchrl.modules.init import hidden_linear, init_hidden, mlp, output_linear, reset_linear_layers
 from d2r_torchrl.modules.task_conditioning import TaskEmbedding, check_features, flatten_task_id
 
 
@@ -35,6 +35,10 @@ class MultiTaskMLP(nn.Module):
         self.trunk = mlp(in_features + num_tasks, tuple(hidden_widths), final_activation=True)
         heads = num_tasks if multi_head else 1
         self.head = output_linear(hidden_widths[-1], heads * out_features)
+
+    def reset_parameters(self) -> None:
+        """Re-draw every parameter with the project's initialisation (the head as an output layer)."""
+        reset_linear_layers(self, output_layers=[self.head])
 
     def forward(self, features: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
         check_features(features, self.in_features, "the input")
@@ -105,6 +109,11 @@ class SoftModularNetwork(nn.Module):
         self.last_condition = hidden_linear((num_layers - 1) * square, gate_width)
         self.last_logits = output_linear(gate_width, num_modules)
         self.head = output_linear(module_width, out_features)
+
+    def reset_parameters(self) -> None:
+        """Re-draw every parameter with the project's initialisation (routing logits, final
+        mix and head as output layers)."""
+        reset_linear_layers(self, output_layers=[*self.route_logits, self.last_logits, self.head])
 
     def routing_probabilities(
         self, gating: torch.Tensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d2r_torchrl.modules.init import hidden_linear, init_hidden, mlp, output_linear
+from d2r_torchrl.modules.init import hidden_linear, init_hidden, init_hidden_tensors, mlp, output_linear, reset_linear_layers
 from d2r_torchrl.modules.module_chain import run_chain
 from d2r_torchrl.modules.routing import GateLayout, route_slots, routing_mode
 from d2r_torchrl.modules.task_conditioning import TaskEmbedding, check_features, flatten_task_id
@@ -90,6 +90,13 @@ class D2RNetwork(nn.Module):
     @property
     def top_k(self) -> int:
         return self.layout.top_k
+
+    def reset_parameters(self) -> None:
+        """Re-draw every parameter with the project's initialisation (:mod:`~d2r_torchrl.modules.init`):
+        hidden layers, task embedding and modules ``2..N`` as hidden layers, the head as an
+        output layer. The routing temperatures (buffers) are left as they are."""
+        reset_linear_layers(self, output_layers=[self.head])
+        init_hidden_tensors(self.module_weight, self.module_bias, self.module_weight.shape[-2])
 
     @torch.no_grad()
     def set_route_temperature(self, log_alpha: torch.Tensor) -> None:

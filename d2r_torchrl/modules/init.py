@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -16,11 +17,16 @@ def init_hidden(layer: nn.Linear) -> nn.Linear:
     The reference computes its "fan-in" from the first weight dimension, which for
     ``nn.Linear`` is ``out_features``; we keep that so that results are comparable.
     """
-    bound = 1.0 / math.sqrt(layer.out_features)
-    with torch.no_grad():
-        layer.weight.uniform_(-bound, bound)
-        layer.bias.fill_(HIDDEN_BIAS)
+    init_hidden_tensors(layer.weight, layer.bias, layer.out_features)
     return layer
+
+
+@torch.no_grad()
+def init_hidden_tensors(weight: torch.Tensor, bias: torch.Tensor, out_features: int) -> None:
+    """:func:`init_hidden` on raw tensors of any leading shape (stacked modules, ensembles)."""
+    bound = 1.0 / math.sqrt(out_features)
+    weight.uniform_(-bound, bound)
+    bias.fill_(HIDDEN_BIAS)
 
 
 def init_output(layer: nn.Linear) -> nn.Linear:
@@ -49,3 +55,14 @@ def mlp(in_features: int, widths: tuple[int, ...], final_activation: bool) -> nn
             layers.append(nn.ReLU())
         in_features = width
     return nn.Sequential(*layers)
+
+
+def reset_linear_layers(network: nn.Module, output_layers: Iterable[nn.Linear]) -> None:
+    """Re-draw every ``nn.Linear`` of ``network`` as built: :func:`init_output` for
+    ``output_layers``, :func:`init_hidden` for the others (the task embedding included).
+    Works in place, so also on parameters swapped in by ``TensorDict.to_module`` (a loss's
+    functional or stacked copies)."""
+    outputs = {id(layer) for layer in output_layers}
+    for module in network.modules():
+        if isinstance(module, nn.Linear):
+            (init_output if id(module) in outputs else init_hidden)(module)

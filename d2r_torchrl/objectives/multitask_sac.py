@@ -2,25 +2,29 @@
 from __future__ import annotations
 
 import math
+import weakref
+from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModuleBase
+from tensordict.utils import NestedKey
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import SACLoss
 from torchrl.objectives.sac import compute_rsample_log_prob
 from torchrl.objectives.common import add_random_module
 
-from d2r_torchrl.modules.actor_critic import ROUTE_KEY, d2r_networks
+from d2r_torchrl.modules.actor_critic import ROUTE_KEY, TASK_KEY, d2r_networks, is_routed, set_multitask_keys
 from d2r_torchrl.modules.d2r import D2RNetwork, route_temperature_from_log_alpha
 from d2r_torchrl.modules.routing import RoutingMode, route_depth, set_routing_mode
 from d2r_torchrl.modules.task_conditioning import check_task_range, flatten_task_id
 
 add_random_module(D2RNetwork)
 
-TASK_KEY = "task_id"
 EXTREME_LOSS_RULES = ("clip", "reference")
+REDUCTIONS = ("mean", "sum", "none")
 REFERENCE_REWARD_SCALE = 0.1
 
 
@@ -85,8 +89,16 @@ class MultiTaskSACLoss(SACLoss):
     samples routes with the per-task temperature; the target action ``a'``, the target
     critics and ``Q(s, a~)`` in the policy term take the top-k route.
 
-    Call :meth:`after_update` after each optimiser step: it caps ``log alpha`` and
-    refreshes the routing temperatures of the actor, the critics and their targets.
+    Route balancing and the temperature cap are carried by the loss itself: after every
+    optimiser step that updates ``log_alpha`` (any loop, any optimiser holding it: a global
+    PyTorch optimiser step hook), :meth:`after_update` clamps ``log alpha`` to
+    ``[log min_alpha, log max_alpha]`` and sets the routing temperature of the actor (the
+    module the collector runs, whose buffers ``update_policy_weights_()`` sends on), the
+    critics and their targets to ``T softmax(-log alpha)``. Calling it by hand is harmless.
+
+    Keys (TorchRL's ``_AcceptedKeys``, renamed with :meth:`set_keys`): SACLoss's, plus
+    ``task_id`` (``"task_id"``) and ``route`` (``("routing", "path")``). Renaming them also
+    renames what the actor and critic read and write.
 
     Args:
         actor_network: a ``ProbabilisticActor`` (see :func:`~d2r_torchrl.modules.make_actor`).
@@ -94,7 +106,13 @@ class MultiTaskSACLoss(SACLoss):
         num_tasks: ``T``.
         loss_balancing: multiply policy and critic terms by ``w_t``.
         alpha_init: initial temperature of every task.
-        max_log_alpha: cap on ``log alpha`` (``None`` for no cap).
+        min_alpha, max_alpha: bounds on every task's temperature (TorchRL's SACLoss options;
+            the reference caps ``log alpha`` at 0, ``max_alpha=1``). ``None``: unbounded.
+        fixed_alpha: keep every temperature at ``alpha_init`` (a buffer, not trained).
+        target_entropy: ``H-bar``; ``"auto"`` is ``-|A|`` (from the action spec).
+        reduction: ``"mean"`` (the loss above), ``"sum"`` (``B`` times it) or ``"none"``
+            (per-sample losses ``[B]`` whose mean is the ``"mean"`` loss; the per-task
+            outputs are left out).
         extreme_loss_threshold: the extreme-task threshold at reward scale 0.1 (``None``
             turns the rule off).
         extreme_loss_rule: ``"clip"`` (default) or ``"reference"``, see above.
@@ -105,6 +123,18 @@ class MultiTaskSACLoss(SACLoss):
             ``torch.vmap`` (under vmap, D2R critics run as one batched module chain).
     """
 
+    @dataclass
+    class _AcceptedKeys(SACLoss._AcceptedKeys):
+        """SACLoss's keys, plus ``task_id`` (the task index ``[B]`` or ``[B, 1]``, also read
+        under ``"next"``) and ``route`` (the behaviour route ``[B, N(N+1)/2]`` bool that D2R
+        actors write at collection and the policy term replays)."""
+
+        task_id: NestedKey = TASK_KEY
+        route: NestedKey = ROUTE_KEY
+
+    default_keys = _AcceptedKeys
+    PER_TASK_OUT_KEYS = ("task_loss", "task_masked", "task_scale", "task_count", "balancing_weight")
+
     def __init__(
         self,
         actor_network: ProbabilisticTensorDictSequential,
@@ -113,7 +143,11 @@ class MultiTaskSACLoss(SACLoss):
         num_tasks: int,
         loss_balancing: bool = True,
         alpha_init: float = 1.0,
-        max_log_alpha: float | None = 0.0,
+        min_alpha: float | None = None,
+        max_alpha: float | None = 1.0,
+        fixed_alpha: bool = False,
+        target_entropy: str | float = "auto",
+        reduction: str = "mean",
         extreme_loss_threshold: float | None = 3000.0,
         extreme_loss_rule: str = "clip",
         reward_scale: float = REFERENCE_REWARD_SCALE,
@@ -121,29 +155,32 @@ class MultiTaskSACLoss(SACLoss):
         action_spec=None,
         deactivate_vmap: bool = False,
     ) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
-        if alpha_init <= 0:
-            raise ValueError(f"alpha_init must be positive, got {alpha_init}.")
-        if extreme_loss_rule not in EXTREME_LOSS_RULES:
-            raise ValueError(f"Unknown extreme_loss_rule {extreme_loss_rule!r}; accepted: {list(EXTREME_LOSS_RULES)}.")
-        if reward_scale <= 0:
-            raise ValueError(f"reward_scale must be positive, got {reward_scale}.")
+        _check_arguments(num_tasks, alpha_init, min_alpha, max_alpha, target_entropy, reduction,
+                         extreme_loss_threshold, extreme_loss_rule, reward_scale)
         super().__init__(
             actor_network,
             qvalue_network,
             num_qvalue_nets=2,
             loss_function="l2",
             alpha_init=alpha_init,
+            min_alpha=min_alpha,
+            max_alpha=max_alpha,
+            fixed_alpha=fixed_alpha,
+            target_entropy=target_entropy,
             action_spec=action_spec,
             delay_qvalue=True,
             deactivate_vmap=deactivate_vmap,
+            reduction=reduction,
+            scalar_output_mode="exclude",
         )
         del self.log_alpha
-        self.log_alpha = nn.Parameter(torch.full((num_tasks,), math.log(alpha_init), device=self.device))
+        log_alpha = torch.full((num_tasks,), math.log(alpha_init), device=self.device)
+        if fixed_alpha:
+            self.register_buffer("log_alpha", log_alpha)
+        else:
+            self.log_alpha = nn.Parameter(log_alpha)
         self.num_tasks = num_tasks
         self.loss_balancing = loss_balancing
-        self.max_log_alpha_cap = max_log_alpha
         self.extreme_loss_threshold = extreme_loss_threshold
         self.extreme_loss_rule = extreme_loss_rule
         self.reward_scale = reward_scale
@@ -163,16 +200,53 @@ class MultiTaskSACLoss(SACLoss):
         if time_limit_terminal:
             self.set_keys(terminated=self.tensor_keys.done)
         self.set_vmap_randomness("different")
+        self.after_update()
+        _LIVE_LOSSES.add(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _LIVE_LOSSES.add(self)  # copies (deepcopy, pickling) carry route balancing too
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        """After :meth:`set_keys`: the actor and critic read the renamed task and route keys."""
+        if {"task_id", "route"} & kwargs.keys():
+            for network in (self.actor_network, self.qvalue_network):
+                set_multitask_keys(network, task_id=self.tensor_keys.task_id, route=self.tensor_keys.route)
+        super()._forward_value_estimator_keys(**kwargs)
+
+    def _set_in_keys(self) -> None:
+        super()._set_in_keys()  # also runs inside SACLoss.__init__, before route_layout is set
+        if is_routed(self.actor_network) and self.tensor_keys.route not in self._in_keys:
+            self._in_keys.append(self.tensor_keys.route)
+
+    @property
+    def out_keys(self) -> list[str]:
+        keys = ["loss_actor", "loss_qvalue", "loss_alpha"]
+        if self.reduction == "none":
+            return keys
+        routed = ["route_depth"] if is_routed(self.actor_network) else []
+        return keys + ["alpha", "entropy", *self.PER_TASK_OUT_KEYS, *routed]
+
+    @out_keys.setter
+    def out_keys(self, values) -> None:
+        pass  # computed from the options above (TorchRL's base class assigns it once)
+
+    def reset_parameters_recursive(self) -> None:
+        """Re-draw the actor's and both critics' parameters with the project's initialisation
+        (each network's ``reset_parameters``) and start the target critics equal to the critics."""
+        super().reset_parameters_recursive()
+        self.target_qvalue_network_params.data.copy_(self.qvalue_network_params.data)
 
     @property
     def _alpha(self) -> torch.Tensor:
         return self._log_alpha_capped().exp()
 
     def _log_alpha_capped(self) -> torch.Tensor:
+        """``log alpha`` ``[T]`` (detached) within ``[log min_alpha, log max_alpha]``."""
         log_alpha = self.log_alpha.detach()
-        if self.max_log_alpha_cap is not None:
-            log_alpha = log_alpha.clamp(max=self.max_log_alpha_cap)
-        return log_alpha
+        if self.min_log_alpha is None and self.max_log_alpha is None:
+            return log_alpha
+        return log_alpha.clamp(self.min_log_alpha, self.max_log_alpha)
 
     def extreme_task_threshold(self) -> float | None:
         """``tau``: the threshold as given (``"reference"``) or scaled by ``(reward_scale / 0.1)^2``."""
@@ -199,9 +273,9 @@ class MultiTaskSACLoss(SACLoss):
 
     @torch.no_grad()
     def after_update(self) -> None:
-        """Cap ``log alpha`` and set every D2R network's routing temperature from it."""
-        if self.max_log_alpha_cap is not None:
-            self.log_alpha.data.clamp_(max=self.max_log_alpha_cap)
+        """Clamp ``log alpha`` to its bounds and set every D2R network's routing temperature
+        from it (run automatically after each optimiser step that updates ``log_alpha``)."""
+        self.log_alpha.copy_(self._log_alpha_capped())
         temperature = route_temperature_from_log_alpha(self.log_alpha)
         for name, keys in self._temperature_keys.items():
             params = getattr(self, name)
@@ -210,10 +284,11 @@ class MultiTaskSACLoss(SACLoss):
                 value.data.copy_(temperature.expand_as(value))
 
     def _task_ids(self, tensordict: TensorDictBase) -> torch.Tensor:
-        task_id = tensordict.get(TASK_KEY, None)
+        key = self.tensor_keys.task_id
+        task_id = tensordict.get(key, None)
         if task_id is None:
             raise KeyError(
-                f"MultiTaskSACLoss needs {TASK_KEY!r} in the batch; found {list(tensordict.keys(True, True))}."
+                f"MultiTaskSACLoss needs {key!r} in the batch; found {list(tensordict.keys(True, True))}."
             )
         task_id = flatten_task_id(task_id, tensordict.batch_size)
         check_task_range(task_id, self.num_tasks)
@@ -224,9 +299,10 @@ class MultiTaskSACLoss(SACLoss):
         if tensordict.ndim != 1:
             tensordict = tensordict.reshape(-1)
         task_id = self._task_ids(tensordict)
-        if self.route_layout is not None and ROUTE_KEY not in tensordict.keys(True, True):
+        route_key = self.tensor_keys.route
+        if self.route_layout is not None and route_key not in tensordict.keys(True, True):
             raise KeyError(
-                f"The D2R policy term replays the behaviour route {ROUTE_KEY}, which is missing "
+                f"The D2R policy term replays the behaviour route {route_key}, which is missing "
                 "from the batch: store the actor's output with every transition."
             )
         weights = self._maybe_get_priority_weight(tensordict)
@@ -251,10 +327,13 @@ class MultiTaskSACLoss(SACLoss):
 
         td_error = (q_pred - target).abs().max(0).values.detach()
         original.set(self.tensor_keys.priority, td_error.reshape(original.shape))
+        if self.reduction == "none":
+            return self._per_sample_losses(terms, task_id, counts, scale, balance, weights, original.shape)
+        size = task_id.numel() if self.reduction == "sum" else 1
         out = {
-            "loss_actor": (scale * actor_t).sum(),
-            "loss_qvalue": (scale * critic_t).sum(),
-            "loss_alpha": (scale * alpha_t).sum(),
+            "loss_actor": size * (scale * actor_t).sum(),
+            "loss_qvalue": size * (scale * critic_t).sum(),
+            "loss_alpha": size * (scale * alpha_t).sum(),
             "alpha": self._alpha,
             "entropy": -log_prob.detach().mean(),
             "task_loss": task_loss,
@@ -268,13 +347,42 @@ class MultiTaskSACLoss(SACLoss):
             out["route_depth"] = torch.where(present, depth, torch.nan)
         return TensorDict(out, batch_size=[])
 
+    def _per_sample_losses(
+        self,
+        terms: torch.Tensor,
+        task_id: torch.Tensor,
+        counts: torch.Tensor,
+        scale: torch.Tensor,
+        balance: torch.Tensor,
+        weights: torch.Tensor | None,
+        shape: torch.Size,
+    ) -> TensorDictBase:
+        """``reduction="none"``: sample ``i`` of task ``t`` contributes
+        ``B scale_t (w_t) p_i x_i / n_t`` (``p_i`` its importance weight), so that the batch
+        mean of each loss is the ``"mean"`` loss (with a stratified batch: ``(w_t) p_i x_i``)."""
+        coefficient = task_id.numel() * scale[task_id] / counts[task_id]
+        if weights is not None:
+            coefficient = coefficient * weights
+        alpha_i, actor_i, critic_i = terms * coefficient
+        out = {
+            "loss_alpha": alpha_i,
+            "loss_actor": balance[task_id] * actor_i,
+            "loss_qvalue": balance[task_id] * critic_i,
+        }
+        return TensorDict({key: value.reshape(shape) for key, value in out.items()}, batch_size=shape)
+
     def _critics(self, tensordict: TensorDictBase, params: TensorDictBase) -> TensorDictBase:
         """The twin critics with ``params`` stacked on dim 0 -> outputs ``[2, *B]``: under
         ``torch.vmap``, or (``deactivate_vmap``) one after the other. The loop is written
         here rather than taken from TorchRL's pseudo-vmap, which edits the pytree registry
         on every call and so makes ``torch.compile`` recompile the loss each time."""
         if not self.deactivate_vmap:
-            return self._vmap_qnetworkN0(tensordict, params)
+            own = TensorDict.from_module(self.qvalue_network)  # references, no copy
+            try:
+                return self._vmap_qnetworkN0(tensordict, params)
+            except Exception:
+                own.to_module(self.qvalue_network)  # a failed vmapped call leaves batched tensors behind
+                raise
         outputs = []
         for member in params.unbind(0):
             with member.to_module(self.qvalue_network, preserve_module_state=False):
@@ -310,7 +418,7 @@ class MultiTaskSACLoss(SACLoss):
         self, tensordict: TensorDictBase
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(log pi(a~|s) [B], min_k Q_k(s, a~) [B], route replayed [B, L] or None)``."""
-        actor_td = tensordict.select(*self.actor_network.in_keys, ROUTE_KEY, strict=False).copy()
+        actor_td = tensordict.select(*self.actor_network.in_keys, self.tensor_keys.route, strict=False).copy()
         with set_exploration_type(ExplorationType.RANDOM), set_routing_mode(
             RoutingMode.BEHAVIOUR
         ), self.actor_network_params.to_module(self.actor_network, preserve_module_state=False):
@@ -320,7 +428,61 @@ class MultiTaskSACLoss(SACLoss):
         with set_routing_mode(RoutingMode.TOPK):
             q = self._critics(q_td, self._cached_detached_qvalue_params)
         min_q = q.get(self.tensor_keys.state_action_value).squeeze(-1).min(0).values
-        route = actor_td.get(ROUTE_KEY, None) if self.route_layout is not None else None
+        route = actor_td.get(self.tensor_keys.route, None) if self.route_layout is not None else None
         if route is not None:
             route = self.route_layout.pad(route, fill=False)
         return log_prob, min_q, route
+
+
+def _check_arguments(
+    num_tasks: int,
+    alpha_init: float,
+    min_alpha: float | None,
+    max_alpha: float | None,
+    target_entropy: str | float,
+    reduction: str,
+    extreme_loss_threshold: float | None,
+    extreme_loss_rule: str,
+    reward_scale: float,
+) -> None:
+    """Raise ``ValueError`` naming the first argument of :class:`MultiTaskSACLoss` out of range."""
+    def positive(name: str, value: float | None, optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0{' or None' if optional else ''}, got {value!r}.")
+
+    if not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}.")
+    positive("alpha_init", alpha_init)
+    positive("min_alpha", min_alpha, optional=True)
+    positive("max_alpha", max_alpha, optional=True)
+    if min_alpha is not None and max_alpha is not None and min_alpha > max_alpha:
+        raise ValueError(f"min_alpha {min_alpha} is above max_alpha {max_alpha}.")
+    if target_entropy != "auto" and (
+        not isinstance(target_entropy, (int, float)) or not math.isfinite(target_entropy)
+    ):
+        raise ValueError(f"target_entropy must be 'auto' or a finite number, got {target_entropy!r}.")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"Unknown reduction {reduction!r}; accepted: {list(REDUCTIONS)}.")
+    positive("extreme_loss_threshold", extreme_loss_threshold, optional=True)
+    if extreme_loss_rule not in EXTREME_LOSS_RULES:
+        raise ValueError(f"Unknown extreme_loss_rule {extreme_loss_rule!r}; accepted: {list(EXTREME_LOSS_RULES)}.")
+    positive("reward_scale", reward_scale)
+
+
+_LIVE_LOSSES: "weakref.WeakSet[MultiTaskSACLoss]" = weakref.WeakSet()
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Global optimiser step hook: a loss whose ``log_alpha`` this optimiser holds caps it
+    and refreshes the routing temperatures (:meth:`MultiTaskSACLoss.after_update`)."""
+    if not _LIVE_LOSSES:
+        return
+    held = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    for loss in list(_LIVE_LOSSES):
+        if id(loss.log_alpha) in held:
+            loss.after_update()
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)

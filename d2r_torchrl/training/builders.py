@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import gymnasium as gym
@@ -18,7 +19,7 @@ from d2r_torchrl.modules.actor_critic import make_actor, make_critic
 from d2r_torchrl.objectives.multitask_sac import MultiTaskSACLoss
 from d2r_torchrl.training import evaluation
 from d2r_torchrl.training.config import ConfigError, RunConfig
-from d2r_torchrl.training.update import UpdateFn, make_update
+from d2r_torchrl.training.update import UpdateFn, make_sac_optimizers, make_update
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,7 +115,7 @@ def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTa
         num_tasks=num_tasks,
         loss_balancing=config.loss.loss_balancing,
         alpha_init=config.loss.alpha_init,
-        max_log_alpha=config.loss.max_log_alpha,
+        max_alpha=None if config.loss.max_log_alpha is None else math.exp(config.loss.max_log_alpha),
         extreme_loss_threshold=config.loss.extreme_loss_threshold,
         extreme_loss_rule=config.loss.extreme_loss_rule,
         reward_scale=config.env.reward_scale,
@@ -125,22 +126,14 @@ def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTa
 
 
 def make_optimizers(config: RunConfig, loss: MultiTaskSACLoss) -> dict[str, torch.optim.Optimizer]:
-    """One Adam per network (actor, critics, temperatures), as the reference.
-
-    PyTorch's fused Adam (one kernel per parameter tensor, the same update): on the CPU the
-    default implementation loops over the tensors in Python, which costs a D2R network,
-    with its ~46 tensors, about 4x the fused step (benchmarks/RESULTS.md)."""
-
-    def trainable(params) -> list[torch.Tensor]:
-        return [p for p in params.values(True, True) if p.requires_grad]
-
-    # capturable: optimiser state on the device, no host reads (CUDA graphs)
-    options = dict(capturable=config.compile.cudagraphs, fused=True)
-    return {
-        "actor": torch.optim.Adam(trainable(loss.actor_network_params), lr=config.loss.actor_lr, **options),
-        "critic": torch.optim.Adam(trainable(loss.qvalue_network_params), lr=config.loss.critic_lr, **options),
-        "alpha": torch.optim.Adam([loss.log_alpha], lr=config.loss.alpha_lr, **options),
-    }
+    """One Adam per network with the configured learning rates (:func:`make_sac_optimizers`)."""
+    return make_sac_optimizers(
+        loss,
+        actor_lr=config.loss.actor_lr,
+        critic_lr=config.loss.critic_lr,
+        alpha_lr=config.loss.alpha_lr,
+        capturable=config.compile.cudagraphs,
+    )
 
 
 def make_update_fn(

@@ -32,6 +32,35 @@ def clip_grad_norm_stacked_(params: list[torch.Tensor], max_norm: float) -> torc
     return norms
 
 
+def make_sac_optimizers(
+    loss: MultiTaskSACLoss,
+    *,
+    actor_lr: float = 3e-4,
+    critic_lr: float = 3e-4,
+    alpha_lr: float = 1e-4,
+    capturable: bool = False,
+) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per network, as the reference: ``{"actor", "critic" (the twin critics stacked
+    on dim 0), "alpha"}`` (``"alpha"`` left out with ``fixed_alpha``).
+
+    PyTorch's fused Adam (one kernel per parameter tensor, the same update): on the CPU the
+    default implementation loops over the tensors in Python, which costs a D2R network,
+    with its ~46 tensors, about 4x the fused step (benchmarks/RESULTS.md). ``capturable``
+    keeps the optimiser state on the device with no host reads (CUDA graphs)."""
+
+    def trainable(params) -> list[torch.Tensor]:
+        return [p for p in params.values(True, True) if p.requires_grad]
+
+    options = dict(capturable=capturable, fused=True)
+    optimizers = {
+        "actor": torch.optim.Adam(trainable(loss.actor_network_params), lr=actor_lr, **options),
+        "critic": torch.optim.Adam(trainable(loss.qvalue_network_params), lr=critic_lr, **options),
+    }
+    if loss.log_alpha.requires_grad:
+        optimizers["alpha"] = torch.optim.Adam([loss.log_alpha], lr=alpha_lr, **options)
+    return optimizers
+
+
 def total_loss(losses: TensorDictBase) -> torch.Tensor:
     """``loss_actor + loss_qvalue + loss_alpha``."""
     return sum(losses[key] for key in LOSS_KEYS)
@@ -68,8 +97,8 @@ def sac_update(
     stacked: tuple[str, ...] = ("critic",),
 ) -> TensorDictBase:
     """Loss, backward, gradient clipping of every network to ``grad_clip_norm`` (each critic
-    of the ``stacked`` ensembles on its own), Adam steps, target soft update, temperature
-    refresh. Returns the detached loss TensorDict (with ``td_error`` ``[B]``); writes
+    of the ``stacked`` ensembles on its own), Adam steps (with the temperature refresh they
+    trigger), target soft update. Returns the detached loss TensorDict (with ``td_error`` ``[B]``); writes
     ``td_error`` into ``batch``. Raises :class:`NonFiniteLossError` before any parameter
     changes (one host synchronisation per call: the compiled update of
     :func:`make_update` checks once per round instead)."""
@@ -87,14 +116,15 @@ def _apply(
     losses: TensorDictBase,
     step: Callable[[], None],
 ) -> TensorDictBase:
-    """Backward of ``losses``, ``step()`` (clipping and optimisers), target soft update and
-    temperature refresh; returns the detached losses with the batch's ``td_error``."""
+    """Backward of ``losses``, ``step()`` (clipping and optimisers; the alpha optimiser's step
+    caps the temperatures and refreshes the routing temperatures, see
+    :class:`MultiTaskSACLoss`) and target soft update; returns the detached losses with the
+    batch's ``td_error``."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     total_loss(losses).backward()
     step()
     target_updater.step()
-    loss.after_update()
     losses = losses.detach()
     losses.set(loss.tensor_keys.priority, batch.get(loss.tensor_keys.priority))
     return losses
