@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.collectors import Collector, MultiSyncCollector
-from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.data import Bounded, LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import SoftUpdate
 from torchrl.record.loggers import CSVLogger
@@ -174,8 +174,11 @@ def test_reset_parameters_follows_the_project_initialisation():
     assert not torch.equal(stacked[0], stacked[1]) and stacked.abs().max() <= bound
     assert (critics["network", "module_bias"] == HIDDEN_BIAS).all()
     torch.testing.assert_close(loss.target_qvalue_network_params.data, critics.data)
-    for architecture in ("mt_sac", "soft_modular"):
-        other, _ = make_pair(architecture, 2)
+    spec = Bounded(-1.0, 1.0, (ACT,))
+    small = {"mt_sac": dict(hidden_widths=(16, 16)),
+             "soft_modular": dict(encoder_widths=(16, 16), gating_widths=(16, 16), module_width=8)}
+    for architecture, sizes in small.items():
+        other = make_actor(architecture, OBS, spec, 2, **sizes)
         net = other.module[0].network
         net.head.weight.data.fill_(1.0)
         other.reset_parameters_recursive()
@@ -218,3 +221,42 @@ def test_route_temperatures_reach_collector_workers():
         torch.testing.assert_close(temperature, expected_temperature(torch.tensor([-2.0, 0.0])))
     finally:
         collector.shutdown()
+
+
+def test_torchrl_sac_trainer_trains_d2r_with_the_project_hooks(tmp_path):
+    """TorchRL's ``SACTrainer`` with a stock ``Collector``, a stock replay buffer and
+    ``SoftUpdate``, plus the project's stepper, per-task logger and Meta-World evaluation:
+    unequal per-task temperatures give unequal routing temperatures, and per-task alphas,
+    routing temperatures and success are logged."""
+    tasks = ["reach-v3", "push-v3"]
+    env = make_env(tasks, max_episode_steps=10)
+    spec = env.full_action_spec["action"][0]
+    actor = make_actor("d2r", 39, spec, num_tasks=2, **TINY_D2R)
+    loss = MultiTaskSACLoss(actor, make_critic("d2r", 39, 4, num_tasks=2, **TINY_D2R), num_tasks=2)
+    loss.make_value_estimator(gamma=0.99)
+    with torch.no_grad():
+        loss.log_alpha.copy_(torch.tensor([-1.0, 0.0]))
+    collector = Collector(env, actor, frames_per_batch=20, total_frames=60, auto_register_policy_transforms=False)
+    with pytest.warns(UserWarning, match="experimental"):
+        trainer = SACTrainer(
+            collector=collector, total_frames=60, frame_skip=1, optim_steps_per_batch=2, loss_module=loss,
+            replay_buffer=TensorDictReplayBuffer(storage=LazyTensorStorage(100), batch_size=16),
+            target_net_updater=SoftUpdate(loss, tau=0.005), logger=CSVLogger("sac", log_dir=str(tmp_path)),
+            log_interval=0, progress_bar=False, log_rewards=False,
+        )
+    PerNetworkClipStepper(make_sac_optimizers(loss)).register(trainer)
+    PerTaskLogger(loss, tasks).register(trainer)
+    eval_envs = make_eval_envs(tasks, goals="random", seed=0, max_episode_steps=10)
+    MetaWorldEvaluation(actor, eval_envs, tasks, episodes_per_task=1, interval=3).register(trainer)
+    trainer.train()
+
+    temperature = d2r_networks(actor)[0].route_temperature
+    torch.testing.assert_close(temperature, expected_temperature(loss.log_alpha))
+    assert temperature[0] > 1.2 > 0.8 > temperature[1]  # the task with the smaller alpha explores routes more
+    scalars = tmp_path / "sac" / "scalars"
+    for name in ("train/alpha", "train/route_temperature", "train/route_depth", "eval/success"):
+        for task in tasks:
+            rows = (scalars / name / f"{task}.csv").read_text().split()
+            assert rows and all(math.isfinite(float(row.split(",")[1])) for row in rows)
+    logged = float((scalars / "train/route_temperature" / "reach-v3.csv").read_text().split()[-1].split(",")[1])
+    assert logged == pytest.approx(float(temperature[0]), rel=1e-2)
