@@ -4,7 +4,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from d2r_torchrl.data.replay import annealed_beta, make_replay_buffer, per_task_median, task_interleaving
+from d2r_torchrl.data.replay import annealed_beta, make_replay_buffer, per_task_median, stratified_tasks
 
 pytest.importorskip("torchrl._torchrl")
 
@@ -13,7 +13,7 @@ T, ROWS, ALPHA, BETA = 3, 8, 0.6, 0.4
 
 def filled_buffer(max_priority_ratio=None, capacity=T * ROWS, batch_size=T * 4000):
     """A stratified-prioritized buffer holding ``ROWS`` transitions of each of ``T`` tasks in
-    the task-interleaved layout (position ``p``: task ``p % T``, value ``x = p``)."""
+    their own slots (position ``p``: task ``p % T``, value ``x = p``)."""
     buffer = make_replay_buffer(
         "stratified_prioritized", capacity=capacity, batch_size=batch_size, num_tasks=T,
         priority_alpha=ALPHA, priority_beta=BETA, max_priority_ratio=max_priority_ratio,
@@ -124,9 +124,9 @@ def test_state_dict_round_trip_keeps_the_distribution():
     assert torch.equal(first["priority_weight"], second["priority_weight"])
 
 
-def test_task_interleaving_and_bad_shapes_are_reported():
-    assert task_interleaving(filled_buffer()) == T
-    assert task_interleaving(make_replay_buffer("uniform", capacity=6, batch_size=2, num_tasks=T)) is None
+def test_stratified_tasks_and_bad_shapes_are_reported():
+    assert stratified_tasks(filled_buffer()) == T
+    assert stratified_tasks(make_replay_buffer("uniform", capacity=6, batch_size=2, num_tasks=T)) is None
     with pytest.raises(ValueError, match="multiple of the 3 tasks"):
         filled_buffer().sample(7)
     with pytest.raises(ValueError, match="max_priority_ratio must be >= 1"):
