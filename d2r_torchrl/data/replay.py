@@ -201,7 +201,7 @@ class TaskWriter(Writer):
             self._total_writes.zero_()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task_writes": self.task_writes.clone(), "write_count": int(self._total_writes)}
+        return {"task_writes": self.task_writes.tolist(), "write_count": int(self._total_writes)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restore(state_dict.get("task_writes"), state_dict.get("write_count", state_dict.get("_write_count")))
@@ -218,12 +218,10 @@ class TaskWriter(Writer):
     def dumps(self, path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {"task_writes": self.task_writes.tolist(), "write_count": int(self._total_writes)}
-        (path / "metadata.json").write_text(json.dumps(state))
+        (path / "metadata.json").write_text(json.dumps(self.state_dict()))
 
     def loads(self, path) -> None:
-        state = json.loads((Path(path) / "metadata.json").read_text())
-        self._restore(state.get("task_writes"), state["write_count"])
+        self.load_state_dict(json.loads((Path(path) / "metadata.json").read_text()))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_tasks={self.num_tasks}, task_writes={self.task_writes.tolist()})"
