@@ -72,3 +72,16 @@ def test_multi_async_collector_workers_write_into_the_shared_per_task_record(kin
     assert all(count > 0 and count % 25 == 0 for count in collected)  # whole worker batches of one task
     assert sum(collected) >= 200
     assert_stored_per_task(buffer, collected)
+
+
+@pytest.mark.ray
+def test_ray_collector_refuses_an_in_process_buffer_before_any_collection():
+    """TorchRL's RayCollector only writes into Ray-served buffers; handed one of these it must
+    refuse at construction rather than fill remote copies."""
+    pytest.importorskip("ray")
+    from torchrl.collectors.distributed import RayCollector
+
+    buffer = make_replay_buffer("stratified", capacity=100, batch_size=BATCH, num_tasks=T)
+    with pytest.raises(TypeError, match="service_backend='ray'"):
+        RayCollector([env_of(TASKS)], tiny_actor(), frames_per_batch=100, total_frames=200, replay_buffer=buffer)
+    assert buffer.write_count == 0
