@@ -172,11 +172,11 @@ class TaskWriter(Writer):
         return position.view(data.batch_size)
 
     def _task_ids(self, flat: TensorDictBase) -> torch.Tensor:
-        """The ``[N]`` task ids of ``flat``; raises unless one int64 id in ``[0, T)`` each."""
+        """The ``[N]`` task ids of ``flat``; raises unless one integer id in ``[0, T)`` each."""
         task = flat.get(self.task_key, None)
         if task is None:
             raise KeyError(f"TaskWriter: the written data has no {self.task_key!r} entry; every transition needs one.")
-        if task.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool) or task.numel() != flat.numel():
+        if task.dtype.is_floating_point or task.dtype == torch.bool or task.numel() != flat.numel():
             raise ValueError(
                 f"TaskWriter: {self.task_key!r} must hold one integer task id per transition, got "
                 f"dtype {task.dtype} and shape {tuple(task.shape)} for {flat.numel()} transitions."
