@@ -3,7 +3,7 @@ this process and from worker processes: every transition lands in its task's slo
 task's recorded count is what was collected for it, and a sample shares the batch equally."""
 import pytest
 import torch
-from torchrl.collectors import Collector, MultiAsyncCollector
+from torchrl.collectors import Collector, MultiAsyncCollector, MultiSyncCollector
 
 from d2r_torchrl.data.replay import make_replay_buffer
 from d2r_torchrl.envs import make_env
@@ -56,20 +56,22 @@ def test_collector_writes_each_task_into_its_own_slots(kind):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["stratified", "stratified_prioritized"])
-def test_multi_async_collector_workers_write_into_the_shared_per_task_record(kind):
+@pytest.mark.parametrize("collector_class, worker_batch", [(MultiAsyncCollector, 25), (MultiSyncCollector, 25)])
+def test_multi_process_collector_workers_write_into_the_shared_per_task_record(kind, collector_class, worker_batch):
     """One worker process per task (as the project's multi-process collector splits tasks):
     the workers' writes reach the record and the storage the learner samples from."""
     buffer = make_replay_buffer(kind, capacity=400, batch_size=BATCH, num_tasks=T)
     factories = [env_of(TASKS[:1], 0), env_of(TASKS[1:], 1)]
-    collector = MultiAsyncCollector(
-        factories, tiny_actor(), frames_per_batch=25, total_frames=200, replay_buffer=buffer,
+    frames_per_batch = worker_batch * (2 if collector_class is MultiSyncCollector else 1)
+    collector = collector_class(
+        factories, tiny_actor(), frames_per_batch=frames_per_batch, total_frames=200, replay_buffer=buffer,
         auto_register_policy_transforms=False,
     )
     for _ in collector:
         pass
     collector.shutdown()
     collected = buffer.writer.task_writes.tolist()
-    assert all(count > 0 and count % 25 == 0 for count in collected)  # whole worker batches of one task
+    assert all(count > 0 and count % worker_batch == 0 for count in collected)  # whole worker batches
     assert sum(collected) >= 200
     assert_stored_per_task(buffer, collected)
 
