@@ -155,7 +155,7 @@ def test_random_warmup_stores_no_behaviour_route(tmp_path):
     assert (later.sum(-1) == 31).all(), "policy transitions carry a k-hot route (1 + 2 * 15 sources)"
 
 
-def test_prepare_transitions_interleaves_tasks_and_stratified_sampler_balances():
+def test_prepare_transitions_keeps_the_order_and_stratified_sampler_balances_any_layout():
     task_id = torch.arange(3).unsqueeze(1).expand(3, 4)
     batch = TensorDict(
         observation=torch.randn(3, 4, 39),
@@ -163,16 +163,16 @@ def test_prepare_transitions_interleaves_tasks_and_stratified_sampler_balances()
         action=torch.randn(3, 4, 2),
         batch_size=[3, 4],
     )
-    flat = prepare_transitions(batch, num_route_logits=6, num_tasks=3)
-    assert flat["task_id"].tolist() == [0, 1, 2] * 4
+    flat = prepare_transitions(batch, num_route_logits=6)
+    assert flat["task_id"].tolist() == [0] * 4 + [1] * 4 + [2] * 4  # task-major, as collected
     assert flat[ROUTE_KEY].shape == (12, 6) and not flat[ROUTE_KEY].any()
     buffer = make_replay_buffer("stratified", capacity=30, batch_size=9, num_tasks=3)
     buffer.extend(flat)
+    buffer.extend(prepare_transitions(batch[:, :3].reshape(-1)[:-1]))  # tasks unequally: 3, 3, 2
+    assert buffer.writer.task_writes.tolist() == [7, 7, 6]
     sample = buffer.sample()
     assert torch.bincount(sample["task_id"], minlength=3).tolist() == [3, 3, 3]
     assert isinstance(buffer._sampler, TaskStratifiedSampler)
-    with pytest.raises(ValueError, match="unequal"):
-        prepare_transitions(batch[:, :3].reshape(-1)[:-1], num_tasks=3)
 
 
 def test_config_errors_and_help(capsys):

@@ -13,8 +13,9 @@ must provide, checked before any work, with errors that name what is missing.
   ``TensorDictReplayBuffer`` (it returns ``index`` and ``priority_weight`` with each sample
   and takes ``update_tensordict_priority``) reading its priorities from ``td_error``. A
   per-task sampler of :mod:`d2r_torchrl.data.replay` must be built for the run's ``T`` tasks,
-  over a storage of its own capacity, a multiple of ``T``, with a batch size that is a
-  multiple of ``T``; every collected batch then holds each task equally often. A
+  over a storage of its own capacity, a multiple of ``T``, filled by a
+  :class:`~d2r_torchrl.data.replay.TaskWriter` for ``T`` tasks, with a batch size that is a
+  multiple of ``T`` (batches may hold the tasks unequally). A
   prioritized buffer's importance-sampling exponent follows the run's schedule
   (``buffer.priority_beta`` to ``buffer.priority_beta_final``).
 """
@@ -22,12 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from tensordict import TensorDictBase
 from torchrl.data import ReplayBuffer, TensorDictReplayBuffer
 from torchrl.data.replay_buffers.samplers import PrioritizedSampler
 
-from d2r_torchrl.data.replay import task_interleaving
+from d2r_torchrl.data.replay import TaskWriter, stratified_tasks
 
 REQUIRED_BATCH_KEYS = (
     "observation",
@@ -82,11 +82,11 @@ def check_buffer(buffer: Any, num_tasks: int, warmup_frames: int, priority_key: 
                 f"{name} reads priorities from {buffer.priority_key!r}; the loss writes them to "
                 f"{priority_key!r}: build it with priority_key={priority_key!r}."
             )
-    interleaved = task_interleaving(buffer)
-    if interleaved is None:
+    sampler_tasks = stratified_tasks(buffer)
+    if sampler_tasks is None:
         return
-    if interleaved != num_tasks:
-        raise ComponentError(f"{name} is built for {interleaved} tasks; this run has {num_tasks}.")
+    if sampler_tasks != num_tasks:
+        raise ComponentError(f"{name} is built for {sampler_tasks} tasks; this run has {num_tasks}.")
     for what, size in (("batch size", buffer.batch_size), ("capacity", buffer.storage.max_size)):
         if size % num_tasks:
             raise ComponentError(
@@ -96,6 +96,12 @@ def check_buffer(buffer: Any, num_tasks: int, warmup_frames: int, priority_key: 
     sampler_size = getattr(buffer.sampler, "max_size", buffer.storage.max_size)
     if sampler_size != buffer.storage.max_size:
         raise ComponentError(f"{name}: its sampler holds {sampler_size} priorities for {buffer.storage.max_size} slots.")
+    writer = buffer.writer
+    if not isinstance(writer, TaskWriter) or writer.num_tasks != num_tasks:
+        raise ComponentError(
+            f"{name} samples each task from the counts its writer records, but its writer is {writer!r}: "
+            f"build it with writer=TaskWriter({num_tasks})."
+        )
 
 
 def check_collector(collector: Any) -> None:
@@ -110,10 +116,9 @@ def check_collector(collector: Any) -> None:
         )
 
 
-def check_batch(batch: Any, num_tasks: int, equal_tasks: bool) -> None:
+def check_batch(batch: Any, num_tasks: int) -> None:
     """Raise :class:`ComponentError` unless a collected ``batch`` holds the keys the trainer
-    stores (:data:`REQUIRED_BATCH_KEYS`) with task ids in ``[0, num_tasks)`` and, with
-    ``equal_tasks`` (a per-task buffer), as many transitions of every task."""
+    stores (:data:`REQUIRED_BATCH_KEYS`) with task ids in ``[0, num_tasks)``."""
     if not isinstance(batch, TensorDictBase):
         raise ComponentError(f"The collector yielded a {type(batch).__name__}; the trainer needs TensorDict batches.")
     present = set(batch.keys(True, True))
@@ -128,12 +133,4 @@ def check_batch(batch: Any, num_tasks: int, equal_tasks: bool) -> None:
         raise ComponentError(
             f"A collected batch has task ids {int(task_id.min())}..{int(task_id.max())}; this run has "
             f"{num_tasks} tasks (ids 0..{num_tasks - 1})."
-        )
-    if not equal_tasks:
-        return
-    counts = torch.bincount(task_id.reshape(-1), minlength=num_tasks)
-    if not bool((counts == counts[0]).all()):
-        raise ComponentError(
-            f"A collected batch holds {counts.tolist()} transitions of the {num_tasks} tasks; the per-task "
-            "buffer needs every task equally often in every batch (step all tasks together)."
         )

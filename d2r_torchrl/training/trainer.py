@@ -24,7 +24,6 @@ from d2r_torchrl.data.replay import (
     example_transitions,
     is_memory_mapped,
     prepare_transitions,
-    task_interleaving,
     transition_bytes,
 )
 from d2r_torchrl.modules.actor_critic import num_route_logits
@@ -105,7 +104,6 @@ class Trainer:
         if buffer is None:  # (an empty buffer is falsy)
             buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
         self.buffer = buffer
-        self.interleave_tasks = task_interleaving(self.buffer)
         self.prioritized = isinstance(self.buffer.sampler, PrioritizedSampler)
         self._check_disk()
         self.counters = checkpointing.Counters()
@@ -287,11 +285,11 @@ class Trainer:
     def _add_batch(self, data: TensorDictBase) -> None:
         """Store a collected batch, advance the counters and owe its updates (none in warm-up)."""
         if not self._batch_checked:  # the first batch of each train()
-            check_batch(data, self.num_tasks, equal_tasks=self.interleave_tasks is not None)
+            check_batch(data, self.num_tasks)
             self._batch_checked = True
         cfg = self.config.collector
         frames_per_round = self._frames_per_round
-        self.buffer.extend(prepare_transitions(data, self.num_route_logits, self.interleave_tasks))
+        self.buffer.extend(prepare_transitions(data, self.num_route_logits))
         self.counters.batch_start_frames = self.counters.frames
         self.counters.frames += data.numel()
         self.counters.rounds = self.counters.frames // frames_per_round
