@@ -3,8 +3,8 @@ and the routing (``csrc/routing.cpp``). They compute what
 :mod:`~d2r_torchrl.modules.d2r_spec` specifies (``tests/test_native_chain.py``,
 ``tests/test_routing_slots.py``).
 
-The extension is compiled with the system C++ compiler on first use (about 40 s; one line
-on stderr says so before it starts) for the vector instructions this CPU offers, and cached
+The extension is compiled with the system C++ compiler on first use (about a minute on a
+small CPU; one line on stderr says so before it starts) for the vector instructions this CPU offers, and cached
 by PyTorch under ``TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions`` by default) in a
 folder of its own per source tree, compiler flags, torch and Python release, so two
 checkouts never rebuild over each other. Where it cannot be built, a warning says why once
@@ -26,7 +26,6 @@ import torch
 
 CSRC = pathlib.Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name for name in ("module_chain.cpp", "routing.cpp", "extension.cpp")]
-BUILD_SECONDS = 40  # a first build on one core of a recent x86 CPU (three files, -O3)
 _VECTOR_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -64,7 +63,7 @@ def load_native_chain() -> ModuleType | None:
         build_dir.mkdir(parents=True, exist_ok=True)
         if not (build_dir / f"{name}.so").exists():
             print(
-                f"Compiling D2R's native CPU module chain (first use only, about {BUILD_SECONDS} s; "
+                "Compiling D2R's native CPU module chain (first use only, about a minute; "
                 f"cached in {build_dir})...",
                 file=sys.stderr,
                 flush=True,
