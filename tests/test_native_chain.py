@@ -4,7 +4,7 @@ specification (:func:`~d2r_torchrl.modules.d2r_spec.module_chain`) and each othe
 ``test_gradients_match_a_gate_by_gate_implementation`` (test_d2r_network.py) checks both
 paths inside a whole network; these tests cover what that small network does not: several
 members, ragged sample blocks, float32, detached parameters, threads, vmapped ensembles,
-and the fallbacks.
+the fallbacks, and what building the extension shows.
 """
 from __future__ import annotations
 
