@@ -41,7 +41,7 @@ def build_name(cflags: list[str]) -> str:
     digest = hashlib.sha256()
     for part in (str(CSRC.resolve()), *cflags, torch.__version__, f"py{sys.version_info[0]}{sys.version_info[1]}"):
         digest.update(part.encode() + b"\0")
-    for path in sorted(CSRC.iterdir()):
+    for path in sorted(path for path in CSRC.iterdir() if path.is_file()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"d2r_native_{torch.backends.cpu.get_cpu_capability().lower()}_{digest.hexdigest()[:16]}"
 
@@ -57,9 +57,9 @@ def load_native_chain() -> ModuleType | None:
         from torch.utils import cpp_extension
 
     cflags = ["-O3", "-fopenmp", *_VECTOR_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
-    name = build_name(cflags)
-    build_dir = pathlib.Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
     try:
+        name = build_name(cflags)
+        build_dir = pathlib.Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
         build_dir.mkdir(parents=True, exist_ok=True)
         if not (build_dir / f"{name}.so").exists():
             print(
