@@ -4,14 +4,20 @@ specification (:func:`~d2r_torchrl.modules.d2r_spec.module_chain`) and each othe
 ``test_gradients_match_a_gate_by_gate_implementation`` (test_d2r_network.py) checks both
 paths inside a whole network; these tests cover what that small network does not: several
 members, ragged sample blocks, float32, detached parameters, threads, vmapped ensembles,
-and the fallbacks.
+the fallbacks, and what building the extension shows.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.cpp_extension  # its load is replaced in some tests
 
 import d2r_torchrl.modules.native_chain as native_chain
 from d2r_torchrl.modules.actor_critic import make_critic
@@ -19,6 +25,8 @@ from d2r_torchrl.modules.d2r_spec import module_chain
 from d2r_torchrl.modules.module_chain import NATIVE_BLOCK, run_chain
 from d2r_torchrl.modules.routing import set_routing_mode
 from tensordict import TensorDict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def chain_inputs(
@@ -236,3 +244,65 @@ def test_native_pass_rejects_a_gate_reading_a_later_module() -> None:
     inputs["index"][1, 0, 7, 1] = 3  # gate 1 may read modules 0 and 1
     with pytest.raises(RuntimeError, match="gate 1 reads module 3; a gate can only read modules 0..1"):
         run_chain(inputs["first"], inputs["index"], inputs["weight"], None, *inputs["params"], native=True)
+
+
+def test_a_first_build_says_what_it_does_and_for_how_long_before_it_starts(monkeypatch, tmp_path, capsys) -> None:
+    """One line on stderr before the compiler starts, none once the build is cached."""
+    said_before_loading, calls = [], []
+
+    def compile_here(**kwargs):
+        said_before_loading.append(capsys.readouterr().err)
+        calls.append(kwargs)
+        raise RuntimeError("no build in this test")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", compile_here)
+    for built in (False, True):
+        monkeypatch.setattr(native_chain, "_extension", None)
+        monkeypatch.setattr(native_chain, "_unavailable", None)
+        if built:  # what a finished build leaves in its folder
+            (Path(calls[0]["build_directory"]) / f"{calls[0]['name']}.so").write_bytes(b"")
+        with pytest.warns(UserWarning, match="no build in this test"):
+            assert native_chain.load_native_chain() is None
+    first, cached = said_before_loading
+    [line] = first.splitlines()
+    assert line.startswith("Compiling D2R's native CPU module chain") and "about a minute" in line
+    assert str(tmp_path) in line and cached == ""
+    assert [call["with_cuda"] for call in calls] == [False, False]
+
+
+def test_each_source_tree_builds_in_a_folder_of_its_own(monkeypatch, tmp_path) -> None:
+    """Two checkouts (or an edited source) never rebuild over each other's cached build."""
+    flags = ["-O3"]
+    here = native_chain.build_name(flags)
+    assert here == native_chain.build_name(flags) and here != native_chain.build_name(["-O2"])
+    copy = tmp_path / "csrc"
+    shutil.copytree(native_chain.CSRC, copy)
+    monkeypatch.setattr(native_chain, "CSRC", copy)
+    elsewhere = native_chain.build_name(flags)
+    (copy / "native.h").write_text((copy / "native.h").read_text() + "\n")
+    assert len({here, elsewhere, native_chain.build_name(flags)}) == 3
+
+
+def test_loading_on_a_machine_without_a_gpu_shows_no_cuda_notice(tmp_path) -> None:
+    """Importing torch's extension builder logs "No CUDA runtime is found, using CUDA_HOME=..."
+    where torch was built for CUDA, CUDA_HOME is set and no GPU is visible; the CPU-only
+    extension never uses CUDA, so the notice is not shown. The script reloads the builder
+    afterwards to show that the notice would be printed there."""
+    if not torch.version.cuda:
+        pytest.skip("a torch built without CUDA never looks for it")
+    assert native_chain.load_native_chain() is not None  # built here, so the script only loads it
+    script = (
+        "import importlib, sys\n"
+        "from d2r_torchrl.modules.native_chain import load_native_chain\n"
+        "assert load_native_chain() is not None\n"
+        "print('loaded', file=sys.stderr, flush=True)\n"
+        "import torch.utils.cpp_extension\n"
+        "importlib.reload(torch.utils.cpp_extension)\n"
+    )
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", CUDA_HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loading, reloading = result.stderr.split("loaded\n")
+    assert "No CUDA runtime is found" not in loading and "Compiling" not in loading, loading
+    assert "No CUDA runtime is found" in reloading

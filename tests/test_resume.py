@@ -1,5 +1,6 @@
 """Long runs that survive: exact resume for every buffer, signals, crash-safe checkpoints,
 errors before any work, checkpoints that move between devices."""
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tqdm
 from torchrl.checkpoint import Checkpoint
 
 import d2r_torchrl
@@ -372,3 +374,88 @@ def test_cuda_checkpoint_resumes_on_cpu(tmp_path, monkeypatch):
         assert torch.equal(resumed.loss.state_dict()[key], value), key
     resumed.train()
     assert resumed.counters.frames == 60 and not resumed.interrupted
+
+
+# The recipe with every evaluation step slowed down (0.2 s), so a signal lands mid-evaluation.
+SLOW_EVALUATION_RECIPE = """
+import sys, time
+from d2r_torchrl.training import evaluation
+from d2r_torchrl.training.cli import main
+eval_action = evaluation.MetaWorldAgent.eval_action
+def slow_eval_action(self, observations):
+    time.sleep(0.2)
+    return eval_action(self, observations)
+evaluation.MetaWorldAgent.eval_action = slow_eval_action
+sys.exit(main("d2r", "MT10", sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_an_evaluation_exits_143_within_seconds_and_the_resumed_run_evaluates_first(tmp_path, capsys):
+    """The evaluation of round 2 (20 episodes of 10 steps per task, at least 40 s here) is
+    cut at its next step: exit 143 within seconds, a checkpoint after round 2's updates, no
+    evaluation row; the resumed run evaluates round 2 first, once, at the same step."""
+    run_dir = tmp_path / "run"
+    args = small_args(tmp_path, "run", "eval.episodes_per_task=20", "eval.interval_rounds=2")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EVALUATION_RECIPE, *args], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    _poll((run_dir / "scalars" / "train" / "loss_actor.csv").exists, 300, process)  # round 2's updates are done
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"still running 30 s after SIGTERM: {process.communicate()}")
+    assert process.returncode == 143 and time.monotonic() - sent < 10, err[-2000:]
+    _interrupted_line(out, signal.SIGTERM, run_dir)
+    assert "the evaluation it cut short runs again on resume" in out
+    assert read_metadata(run_dir)["step"] == 40 and not (run_dir / "scalars" / "eval").exists()
+
+    assert main("d2r", "MT10", ["--resume", str(run_dir)]) == 0
+    assert "finished after 60 frames, 4 updates" in capsys.readouterr().out
+    rows = (run_dir / "scalars" / "eval" / "success_mean.csv").read_text().split()
+    assert [row.split(",")[0] for row in rows] == ["40"]  # round 2's evaluation, once
+
+
+def test_a_stop_during_collection_drops_the_batch_and_the_resumed_run_ends_like_uninterrupted(tmp_path):
+    """SIGTERM at the 5th of the 10 steps collecting round 3: the actor is not called again,
+    the checkpoint is the state after round 2 (RNGs included), and resuming ends where the
+    uninterrupted run does."""
+    straight = Trainer(small_config(tmp_path, "straight", "buffer.kind=stratified"))
+    straight.train()
+    stopped = Trainer(small_config(tmp_path, "stopped", "buffer.kind=stratified"))
+    steps = []
+
+    def signal_mid_collection(_, args) -> None:
+        if stopped.counters.frames == 40 and args[0].numel() == stopped.num_tasks:  # round 3's steps
+            steps.append(args[0])
+            if len(steps) == 5:
+                signal.raise_signal(signal.SIGTERM)
+
+    stopped.actor.register_forward_pre_hook(signal_mid_collection)
+    stopped.train()
+    assert stopped.interrupted and len(steps) == 5
+    assert stopped.counters.state_dict() == dict(
+        rounds=2, frames=40, updates=2, pending_updates=0, batch_start_frames=20, pending_evaluation=0
+    )
+    assert read_metadata(tmp_path / "stopped")["step"] == 40
+    resumed = Trainer.resume(tmp_path / "stopped")
+    resumed.train()
+    assert not resumed.interrupted
+    assert_same_run_state(straight, resumed)
+
+
+def test_the_progress_bar_moves_with_each_collected_step_and_each_update(tmp_path, capsys, monkeypatch):
+    """Every bar refresh is printed (mininterval=0): the frame count passes through each step
+    of 2 frames (2 tasks), and each update round shows its updates done, owed and rate."""
+    monkeypatch.setattr(tqdm, "tqdm", functools.partial(tqdm.tqdm, mininterval=0))
+    Trainer(small_config(tmp_path, "run", "log.progress_bar=true")).train()
+    err = capsys.readouterr().err
+    shown = {int(frames) for frames in re.findall(r"\| *(\d+)/60 \[", err)}
+    assert shown == set(range(0, 61, 2))
+    shown_updates = re.findall(r"updates (\d)/2 \(([0-9.]+|-)/s\)", err)
+    assert [done for done, _ in shown_updates] == ["0", "1", "2"] * 2  # rounds 2 and 3
+    assert all((rate == "-") == (done == "0") for done, rate in shown_updates)

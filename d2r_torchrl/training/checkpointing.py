@@ -35,20 +35,23 @@ class Counters:
     """Training progress saved with every checkpoint.
 
     ``pending_updates`` are the updates of the last collected batch not run yet because a
-    stop signal came first; ``batch_start_frames`` is the frame count before that batch.
+    stop signal came first; ``batch_start_frames`` is the frame count before that batch;
+    ``pending_evaluation`` is 1 when a stop signal cut that batch's evaluation short.
     """
 
-    FIELDS = ("rounds", "frames", "updates", "pending_updates", "batch_start_frames")
+    FIELDS = ("rounds", "frames", "updates", "pending_updates", "batch_start_frames", "pending_evaluation")
+    ADDED_LATER = {"pending_evaluation": 0}  # what checkpoints written before a field existed hold
 
     def __init__(self) -> None:
         self.rounds = self.frames = self.updates = self.pending_updates = self.batch_start_frames = 0
+        self.pending_evaluation = 0
 
     def state_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.FIELDS}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name in self.FIELDS:
-            setattr(self, name, int(state[name]))
+            setattr(self, name, int(state[name] if name in state else self.ADDED_LATER[name]))
 
 
 class PortableRNGState(GlobalRNGState):

@@ -70,6 +70,8 @@ def main(algorithm: str, benchmark: str, argv: Sequence[str] | None = None) -> i
         print("interrupted before training started; nothing was saved.", file=sys.stderr)
         return exit_code(signal.SIGINT)
     progress = f"{trainer.counters.frames} frames, {trainer.counters.updates} updates"
+    if trainer.counters.pending_evaluation:
+        progress += " (the evaluation it cut short runs again on resume)"
     if trainer.interrupted:
         print(
             f"interrupted by {signal_name(trainer.stop_signal)} after {progress}; checkpoint saved to "

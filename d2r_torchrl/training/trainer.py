@@ -1,17 +1,17 @@
 """The training loop: env -> collector -> buffer -> loss -> optimisers -> policy."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import json
 import random
 import shutil
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import tqdm
 from tensordict import TensorDictBase
 from torchrl import timeit
 from torchrl.data import ReplayBuffer
@@ -32,6 +32,7 @@ from d2r_torchrl.training import builders, checkpointing, preflight, signals
 from d2r_torchrl.training.components import check_batch, check_buffer, check_collector, describe_buffer
 from d2r_torchrl.training.config import RESUME_OVERRIDES, ConfigError, RunConfig, apply_overrides, validate
 from d2r_torchrl.training.evaluation import evaluate
+from d2r_torchrl.training.progress import RunProgress
 from d2r_torchrl.training.update import NonFiniteLossError, check_finite
 
 
@@ -114,6 +115,7 @@ class Trainer:
         self.checkpoint = checkpointing.make_checkpoint(components)
         self.logger = make_logger(config, self.run_dir)
         self._stop_signal: int | None = None
+        self._progress: RunProgress | None = None  # the bar of the train() call in progress
         self._saved_counters: dict[str, int] | None = None
         self._batch_checked = False
         self._timed = _phase_totals()  # timeit's totals at the last log
@@ -216,44 +218,51 @@ class Trainer:
         Each collected batch goes through :meth:`_train_on`: extend the buffer, sample and
         update, send the weights, evaluate and checkpoint when due. Rounds are counted in
         frames (``steps_per_task * T`` per round), so a batch of part of a round gets its
-        share of the updates. SIGINT/SIGTERM finish the current update, save a checkpoint
-        and return; the updates owed for the batch are run first by the resumed run.
+        share of the updates. SIGINT/SIGTERM finish the current update, or end the collection
+        or evaluation in progress at the actor's next step (:meth:`_stoppable`), then save a
+        checkpoint and return: a batch whose collection was cut is dropped (the checkpoint is
+        the state before it), and the updates owed for a stored batch, or its interrupted
+        evaluation, are run first by the resumed run.
         """
         if collector is not None:
             check_collector(collector)
         self._batch_checked = False
         total_frames = self.config.collector.total_steps_per_task * self.num_tasks
         summary: dict[str, float] = {}
-        if self.counters.frames >= total_frames and not self.counters.pending_updates:
+        owed = self.counters.pending_updates or self.counters.pending_evaluation  # by the run this one resumes
+        if self.counters.frames >= total_frames and not owed:
             if collector is not None:
                 collector.shutdown()
             return summary
         self._stop_signal = None
-        bar = tqdm.tqdm(
-            total=total_frames, initial=self.counters.frames, unit="frame", disable=not self.config.log.progress_bar
-        )
+        self._progress = RunProgress(total_frames, self.counters.frames, enabled=self.config.log.progress_bar)
         with signals.stop_signals(self._on_signal) as catch_signals:
             if collector is None and self.counters.frames < total_frames:
                 collector = self._make_collector()
             catch_signals()
             try:
-                if self.counters.pending_updates:  # owed by the run this one resumes
+                if owed:
                     self._train_on(None, collector, summary)
                 batches = iter(collector if self.counters.frames < total_frames else ())
                 while self._stop_signal is None and self.counters.frames < total_frames:
-                    with timeit("time/collect"):
-                        data = next(batches, None)
+                    try:
+                        with timeit("time/collect"), self._stoppable(self._progress.collected):
+                            data = next(batches, None)
+                    except signals.StopRequested:
+                        break  # the batch in progress is dropped
                     if data is None:
                         break
                     seconds = self._train_on(data, collector, summary)
-                    bar.update(data.numel())
-                    bar.set_postfix(success=summary.get("success", float("nan")), **seconds)
+                    self._progress.batch_done(
+                        self.counters.frames, dict(success=summary.get("success", float("nan")), **seconds)
+                    )
                 if self._saved_counters != self.counters.state_dict():  # not saved at this point yet
                     self.save()
             finally:
                 if collector is not None:
                     collector.shutdown()
-                bar.close()
+                self._progress.close()
+                self._progress = None
         return summary
 
     def _train_on(self, data: TensorDictBase | None, collector, summary: dict[str, float]) -> dict[str, str]:
@@ -270,12 +279,38 @@ class Trainer:
             if collector is not None:
                 collector.update_policy_weights_()
         if self._round_crossed(self.config.eval.interval_rounds) and self.config.eval.episodes_per_task:
-            with timeit("time/evaluate"):
-                summary["success"] = self.evaluate()
+            self._progress.evaluating(self.config.eval.episodes_per_task)
+            try:
+                with timeit("time/evaluate"), self._stoppable():
+                    summary["success"] = self.evaluate()
+            except signals.StopRequested:  # nothing of it was logged; the resumed run evaluates first
+                self.counters.pending_evaluation = 1
+                return {}
+            self.counters.pending_evaluation = 0
         if self._round_crossed(self.config.log.checkpoint_interval_rounds):
             with timeit("time/checkpoint"):
                 self.save()
         return self._log_timings()
+
+    @contextlib.contextmanager
+    def _stoppable(self, on_step: Callable[[int], None] | None = None) -> Iterator[None]:
+        """Within the block (a collection or an evaluation) a stop signal raises
+        :class:`~signals.StopRequested` at the actor's next call, after putting the global RNGs
+        back as they were at entry: the work is dropped and the next checkpoint is the state
+        before it began. ``on_step(n)`` hears of each call on a batch of ``n`` (frames)."""
+        rng = checkpointing.PortableRNGState()
+        before = rng.state_dict()
+
+        def step(args: tuple) -> None:
+            if on_step is not None and args and isinstance(args[0], TensorDictBase):
+                on_step(args[0].numel())
+
+        try:
+            with signals.stop_at_next_call(self.actor, lambda: self._stop_signal, step):
+                yield
+        except signals.StopRequested:
+            rng.load_state_dict(before)
+            raise
 
     def _make_collector(self):
         """The collector for the frames left; building it draws no random number of the run."""
@@ -308,11 +343,13 @@ class Trainer:
         masked = torch.zeros(self.num_tasks, device=self.device)
         if self.prioritized:
             self.buffer.sampler.beta = self.priority_beta()
+        self._progress.updates_started(self.counters.pending_updates)
         while self.counters.pending_updates and self._stop_signal is None:
             losses = self.update()
             masked += losses["task_masked"]
             self.counters.pending_updates -= 1
             done += 1
+            self._progress.updated(done)
         if losses is not None:
             if not self._checks_each_update:
                 try:

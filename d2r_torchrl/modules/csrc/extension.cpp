@@ -1,4 +1,6 @@
 // Python bindings of the native D2R operators (native.h).
+#include <torch/csrc/utils/pybind.h>
+
 #include "native.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

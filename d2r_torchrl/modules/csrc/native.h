@@ -1,7 +1,7 @@
 // The native CPU operators of D2R (module_chain.cpp, routing.cpp), bound to Python in extension.cpp.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <optional>
 #include <vector>
