@@ -8,12 +8,13 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.collectors import Collector, MultiSyncCollector
-from torchrl.data import Bounded, LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.data import Bounded
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import SoftUpdate
 from torchrl.record.loggers import CSVLogger
 from torchrl.trainers.algorithms import SACTrainer
 
+from d2r_torchrl.data.replay import make_replay_buffer
 from d2r_torchrl.envs import make_env
 from d2r_torchrl.modules import make_actor, make_critic
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY, d2r_networks
@@ -224,10 +225,11 @@ def test_route_temperatures_reach_collector_workers():
 
 
 def test_torchrl_sac_trainer_trains_d2r_with_the_project_hooks(tmp_path):
-    """TorchRL's ``SACTrainer`` with a stock ``Collector``, a stock replay buffer and
-    ``SoftUpdate``, plus the project's stepper, per-task logger and Meta-World evaluation:
-    unequal per-task temperatures give unequal routing temperatures, and per-task alphas,
-    routing temperatures and success are logged."""
+    """TorchRL's ``SACTrainer`` with a stock ``Collector`` and ``SoftUpdate``, the per-task
+    prioritized buffer (written by TorchRL's ``ReplayBufferTrainer``), the project's stepper,
+    per-task logger and Meta-World evaluation: unequal per-task temperatures give unequal
+    routing temperatures, priorities are updated, and per-task alphas, routing temperatures
+    and success are logged."""
     tasks = ["reach-v3", "push-v3"]
     env = make_env(tasks, max_episode_steps=10)
     spec = env.full_action_spec["action"][0]
@@ -237,10 +239,11 @@ def test_torchrl_sac_trainer_trains_d2r_with_the_project_hooks(tmp_path):
     with torch.no_grad():
         loss.log_alpha.copy_(torch.tensor([-1.0, 0.0]))
     collector = Collector(env, actor, frames_per_batch=20, total_frames=60, auto_register_policy_transforms=False)
+    buffer = make_replay_buffer("stratified_prioritized", capacity=100, batch_size=16, num_tasks=2)
     with pytest.warns(UserWarning, match="experimental"):
         trainer = SACTrainer(
             collector=collector, total_frames=60, frame_skip=1, optim_steps_per_batch=2, loss_module=loss,
-            replay_buffer=TensorDictReplayBuffer(storage=LazyTensorStorage(100), batch_size=16),
+            replay_buffer=buffer,
             target_net_updater=SoftUpdate(loss, tau=0.005), logger=CSVLogger("sac", log_dir=str(tmp_path)),
             log_interval=0, progress_bar=False, log_rewards=False,
         )
@@ -252,6 +255,8 @@ def test_torchrl_sac_trainer_trains_d2r_with_the_project_hooks(tmp_path):
 
     temperature = d2r_networks(actor)[0].route_temperature
     torch.testing.assert_close(temperature, expected_temperature(loss.log_alpha))
+    assert buffer.writer.task_writes.tolist() == [30, 30]
+    assert not torch.isnan(buffer.sampler.task_cap).any()  # priorities came back from the loss
     assert temperature[0] > 1.2 > 0.8 > temperature[1]  # the task with the smaller alpha explores routes more
     scalars = tmp_path / "sac" / "scalars"
     for name in ("train/alpha", "train/route_temperature", "train/route_depth", "eval/success"):
