@@ -21,12 +21,20 @@ from torchrl.modules import ProbabilisticActor, TanhNormal
 
 from d2r_torchrl.modules.baselines import SOFT_MODULAR_PRESETS, MultiTaskMLP, SoftModularNetwork
 from d2r_torchrl.modules.d2r import D2RNetwork
+from d2r_torchrl.modules.distributions import tanh_normal_class
 from d2r_torchrl.modules.routing import RoutingMode, routing_mode
 from d2r_torchrl.modules.task_conditioning import check_task_range
 
 ROUTE_KEY = ("routing", "path")
 ROUTE_LOGITS_KEY = ("routing", "logits")
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+LOG_STD_MAX = 2.0
+# The smallest scale TorchRL's TanhNormal accepts is (strictly) above 1e-6; the reference's
+# log-std floor of -20 (a scale of 2e-9) lies below it. TorchRL turns argument validation off,
+# so such a scale would pass unchecked; the policy floors it at the first float32 value the
+# declared constraint accepts instead (a log-std of about -13.8).
+SCALE_MIN = torch.nextafter(
+    torch.tensor(TanhNormal.arg_constraints["scale"].lower_bound, dtype=torch.float32), torch.tensor(1.0)
+).item()
 
 ARCHITECTURES = ("d2r", "soft_modular", "mt_sac", "mh_sac")
 
@@ -102,7 +110,8 @@ class _MultiTaskModule(TensorDictModuleBase):
 
 
 class PolicyParams(_MultiTaskModule):
-    """Writes the TanhNormal parameters ``loc`` and ``scale`` (log-std clamped to [-20, 2]).
+    """Writes the TanhNormal parameters ``loc`` and ``scale = exp(min(log_std, 2))``, floored at
+    :data:`SCALE_MIN` (TorchRL's smallest scale).
 
     A D2R policy also writes the router logits and the route it took.
     """
@@ -122,7 +131,7 @@ class PolicyParams(_MultiTaskModule):
         out = self._run(tensordict, tensordict.get("observation"))
         loc, log_std = out.chunk(2, dim=-1)
         tensordict.set("loc", loc)
-        tensordict.set("scale", log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp())
+        tensordict.set("scale", log_std.clamp(max=LOG_STD_MAX).exp().clamp(min=SCALE_MIN))
         return tensordict
 
 
@@ -143,9 +152,13 @@ def make_actor(
     observation_dim: int,
     action_spec: TensorSpec,
     num_tasks: int,
+    log_prob: str = "exact",
     **network_kwargs: Any,
 ) -> ProbabilisticActor:
-    """A ``ProbabilisticActor`` with a TanhNormal over ``action_spec``'s box."""
+    """A ``ProbabilisticActor`` with a tanh-squashed Gaussian over ``action_spec``'s box, scored
+    by ``log_prob``: ``"exact"`` (TorchRL's ``TanhNormal``) or ``"reference"`` (the authors'
+    bounded tanh correction, :class:`~d2r_torchrl.modules.distributions.ReferenceTanhNormal`)."""
+    distribution_class = tanh_normal_class(log_prob)
     action_dim = action_spec.shape[-1]
     network = make_network(architecture, observation_dim, num_tasks, 2 * action_dim, **network_kwargs)
     params = PolicyParams(network)
@@ -153,7 +166,7 @@ def make_actor(
         params,
         in_keys=["loc", "scale"],
         spec=action_spec,
-        distribution_class=TanhNormal,
+        distribution_class=distribution_class,
         distribution_kwargs={
             "low": action_spec.space.low,
             "high": action_spec.space.high,

@@ -102,7 +102,9 @@ def make_actor_critic(
 ) -> tuple[ProbabilisticActor, torch.nn.Module]:
     observation_dim, action_spec = policy_specs(env)
     kwargs = network_kwargs(config)
-    actor = make_actor(config.network.architecture, observation_dim, action_spec, num_tasks, **kwargs)
+    actor = make_actor(
+        config.network.architecture, observation_dim, action_spec, num_tasks, log_prob=config.network.log_prob, **kwargs
+    )
     critic = make_critic(config.network.architecture, observation_dim, action_spec.shape[-1], num_tasks, **kwargs)
     return actor, critic
 

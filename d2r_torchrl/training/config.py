@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from d2r_torchrl.envs.metaworld import EXECUTION_MODES, GOAL_MODES, REWARD_VERSIONS, resolve_tasks
+from d2r_torchrl.modules.distributions import LOG_PROB_FORMS
 from d2r_torchrl.objectives.multitask_sac import EXTREME_LOSS_RULES
 
 ALGORITHMS = ("d2r", "soft_modular", "mt_sac", "mh_sac")
@@ -81,6 +82,8 @@ class NetworkConfig:
     module_width: int = ruled(128, POSITIVE)
     top_k: int = ruled(2, POSITIVE)
     soft_modular_preset: str = choice("shallow", ("shallow", "deep"))
+    # the policy's log-probability: TorchRL's exact TanhNormal or the reference's bounded form
+    log_prob: str = choice("exact", LOG_PROB_FORMS)
 
 
 @dataclass
