@@ -183,7 +183,9 @@ def make_critic(
     num_tasks: int,
     **network_kwargs: Any,
 ) -> QValue:
-    """One Q-network; the loss module makes the twin copy."""
+    """One Q-network; the loss module makes the twin copy. ``network_kwargs`` go to the
+    network, e.g. ``layer_norm=True`` (a LayerNorm after every hidden ``Linear``; for D2R
+    those of its encoder and modules), which every architecture accepts."""
     network = make_network(architecture, observation_dim + action_dim, num_tasks, 1, **network_kwargs)
     return QValue(network)
 

@@ -39,12 +39,21 @@ def output_linear(in_features: int, out_features: int) -> nn.Linear:
     return init_output(nn.Linear(in_features, out_features))
 
 
-def mlp(in_features: int, widths: tuple[int, ...], final_activation: bool) -> nn.Sequential:
+def layer_norm_or_identity(width: int, layer_norm: bool) -> nn.Module:
+    """``LayerNorm(width)`` (unit gain, zero shift) when ``layer_norm``, else the identity
+    (which adds no parameters, so state dicts keep the reference's keys)."""
+    return nn.LayerNorm(width) if layer_norm else nn.Identity()
+
+
+def mlp(in_features: int, widths: tuple[int, ...], final_activation: bool, layer_norm: bool = False) -> nn.Sequential:
     """Hidden-initialised ``Linear`` layers with ReLU between them (and after the last
-    one when ``final_activation``)."""
+    one when ``final_activation``); with ``layer_norm`` every ``Linear`` is followed by a
+    ``LayerNorm`` (before its ReLU)."""
     layers: list[nn.Module] = []
     for i, width in enumerate(widths):
         layers.append(hidden_linear(in_features, width))
+        if layer_norm:
+            layers.append(nn.LayerNorm(width))
         if final_activation or i < len(widths) - 1:
             layers.append(nn.ReLU())
         in_features = width

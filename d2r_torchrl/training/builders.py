@@ -105,7 +105,10 @@ def make_actor_critic(
     actor = make_actor(
         config.network.architecture, observation_dim, action_spec, num_tasks, log_prob=config.network.log_prob, **kwargs
     )
-    critic = make_critic(config.network.architecture, observation_dim, action_spec.shape[-1], num_tasks, **kwargs)
+    critic = make_critic(
+        config.network.architecture, observation_dim, action_spec.shape[-1], num_tasks,
+        layer_norm=config.network.critic_layer_norm, **kwargs,
+    )
     return actor, critic
 
 

@@ -84,6 +84,8 @@ class NetworkConfig:
     soft_modular_preset: str = choice("shallow", ("shallow", "deep"))
     # the policy's log-probability: TorchRL's exact TanhNormal or the reference's bounded form
     log_prob: str = choice("exact", LOG_PROB_FORMS)
+    # a LayerNorm after every hidden Linear of the critics (D2R: encoder and modules)
+    critic_layer_norm: bool = False
 
 
 @dataclass
