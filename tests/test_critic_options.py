@@ -1,4 +1,7 @@
 """Critic options: LayerNorm in the hidden layers, clipped TD targets, per-task reward scales."""
+import math
+
+import gymnasium as gym
 import pytest
 import torch
 from torchrl.data import Bounded
@@ -7,6 +10,9 @@ from d2r_torchrl.data.replay import random_transitions
 from d2r_torchrl.modules.actor_critic import make_actor, make_critic
 from d2r_torchrl.modules.routing import RoutingMode, set_routing_mode
 from d2r_torchrl.objectives import MultiTaskSACLoss
+from d2r_torchrl.objectives.value_targets import PerTaskRewardScale, soft_return_bound
+from d2r_torchrl.training import builders
+from d2r_torchrl.training.config import ConfigError, RunConfig, apply_overrides, validate
 
 OBS, ACT, TASKS = 5, 2, 2
 TINY = {
@@ -83,3 +89,90 @@ def test_d2r_layer_norm_critic_trains_under_the_loss_on_either_chain_setting():
     assert results[0][1].abs().sum() > 0
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_soft_return_bound_hand_worked():
+    assert soft_return_bound(10.0, 0.99) == pytest.approx(1000.0)  # Meta-World, reward scale 1
+    assert soft_return_bound(10.0, 0.99, horizon=200) == pytest.approx(10 * (1 - 0.99**200) / 0.01)  # 866.0
+    assert soft_return_bound(10.0, 0.99, horizon=200) == pytest.approx(866.0, abs=0.05)
+    assert soft_return_bound(1.0, 0.99, max_alpha=1.0, action_dim=4) == pytest.approx(100 * (1 + 4 * math.log(2)))
+    with pytest.raises(ValueError, match="gamma < 1"):
+        soft_return_bound(1.0, 1.0)
+
+
+def tiny_loss(num_tasks: int = TASKS, **kwargs) -> tuple[MultiTaskSACLoss, torch.nn.Module]:
+    torch.manual_seed(0)
+    spec = Bounded(-1.0, 1.0, (ACT,))
+    actor = make_actor("mt_sac", OBS, spec, num_tasks, **TINY["mt_sac"])
+    loss = MultiTaskSACLoss(actor, make_critic("mt_sac", OBS, ACT, num_tasks, **TINY["mt_sac"]), num_tasks=num_tasks, **kwargs)
+    loss.make_value_estimator(gamma=0.9)
+    return loss, actor
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_td_target_is_clipped_to_the_bound(sign):
+    """Rewards of +-1e4 give targets far past a bound of 50: clipped, ``|Q - y|`` is 50 up to the
+    tiny initial ``Q``; without the option it is about 1e4."""
+    errors = {}
+    for bound in (50.0, None):
+        loss, actor = tiny_loss(td_target_bound=bound)
+        batch = random_transitions(actor, TASKS, 8, OBS, generator=torch.Generator().manual_seed(2))
+        batch["next", "reward"].fill_(sign * 1e4)
+        loss(batch)
+        errors[bound] = batch["td_error"]
+    torch.testing.assert_close(errors[50.0], torch.full((8,), 50.0), atol=0.5, rtol=0)
+    assert (errors[None] > 0.9 * 1e4).all()
+    with pytest.raises(ValueError, match="td_target_bound must be positive"):
+        tiny_loss(td_target_bound=0.0)
+
+
+def test_per_task_reward_scale_hand_worked():
+    scale = PerTaskRewardScale(3, floor=0.1)
+    task_id = torch.tensor([0, 0, 1, 1, 2])
+    out = scale(torch.tensor([[2.0], [4.0], [0.5], [-1.0], [0.01]]), task_id)
+    torch.testing.assert_close(out, torch.tensor([[0.5], [1.0], [0.5], [-1.0], [0.1]]))  # scales 4, 1, floor 0.1
+    out = scale(torch.tensor([8.0, 0.5, 0.02]), torch.tensor([0, 1, 2]))  # task 0's scale grows to 8
+    torch.testing.assert_close(out, torch.tensor([1.0, 0.5, 0.2]))
+    torch.testing.assert_close(scale.max_abs_reward, torch.tensor([8.0, 1.0, 0.02]))
+
+
+def test_loss_normalises_rewards_per_task_and_keeps_the_scales_in_its_state_dict():
+    """With terminal transitions ``y = r``: the normalising loss matches a plain loss fed the
+    rewards divided by hand (task 0 by 3, task 1 by its floor 0.5)."""
+    normalising, actor = tiny_loss(reward_normalization=PerTaskRewardScale(TASKS, floor=0.5))
+    plain, _ = tiny_loss()
+    batch = random_transitions(actor, TASKS, 8, OBS, generator=torch.Generator().manual_seed(2))
+    batch["next", "terminated"].fill_(True)
+    batch["next", "reward"] = torch.tensor([[3.0], [0.2], [1.5], [0.4], [-3.0], [0.1], [0.0], [0.3]])
+    by_hand = batch.clone()
+    by_hand["next", "reward"] = batch["next", "reward"] / torch.tensor([3.0, 0.5]).repeat(4).unsqueeze(-1)
+    torch.manual_seed(3)
+    got = normalising(batch)["loss_qvalue"]
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, plain(by_hand)["loss_qvalue"])
+    state = normalising.state_dict()
+    torch.testing.assert_close(state["reward_normalization.max_abs_reward"], torch.tensor([3.0, 0.4]))
+    resumed, _ = tiny_loss(reward_normalization=PerTaskRewardScale(TASKS, floor=0.5))
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed.reward_normalization.max_abs_reward, torch.tensor([3.0, 0.4]))
+
+
+def pendulum_loss(overrides: list[str]) -> MultiTaskSACLoss:
+    env = gym.vector.SyncVectorEnv([lambda: gym.make("Pendulum-v1")])
+    config = validate(apply_overrides(RunConfig(), ["network.architecture=mt_sac", *overrides]))
+    actor, critic = builders.make_actor_critic(config, env, 1)
+    return builders.make_loss(config, actor, critic, 1)[0]
+
+
+def test_config_options_reach_the_loss():
+    """Pendulum: one action dimension; alpha capped at 1; gamma 0.99."""
+    assert pendulum_loss([]).td_target_bound is None and pendulum_loss([]).reward_normalization is None
+    loss = pendulum_loss(["env.reward_scale=1.0", "loss.clip_td_target=true"])
+    assert loss.td_target_bound == pytest.approx((10.0 + math.log(2)) / 0.01)
+    loss = pendulum_loss(["env.reward_scale=1.0", "loss.clip_td_target=true", "loss.reward_normalization=true"])
+    assert loss.td_target_bound == pytest.approx((1.0 + math.log(2)) / 0.01)
+    assert loss.reward_normalization.floor == 1.0
+    critic = pendulum_loss(["network.critic_layer_norm=true"]).qvalue_network
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in critic.modules())
+    with pytest.raises(ConfigError, match="loss.clip_td_target=true needs loss.max_log_alpha"):
+        pendulum_loss(["loss.clip_td_target=true", "loss.max_log_alpha=none"])

@@ -16,6 +16,7 @@ from d2r_torchrl.modules.actor_critic import ROUTE_KEY, d2r_networks
 from d2r_torchrl.modules.d2r import D2RNetwork, route_temperature_from_log_alpha
 from d2r_torchrl.modules.routing import RoutingMode, route_depth, set_routing_mode
 from d2r_torchrl.modules.task_conditioning import check_task_range, flatten_task_id
+from d2r_torchrl.objectives.value_targets import PerTaskRewardScale, clip_td_target
 
 add_random_module(D2RNetwork)
 
@@ -103,6 +104,13 @@ class MultiTaskSACLoss(SACLoss):
             reference code did; by default only ``terminated`` stops bootstrapping.
         deactivate_vmap: run the twin critics one after the other instead of under
             ``torch.vmap`` (under vmap, D2R critics run as one batched module chain).
+        td_target_bound: clamp the TD target ``y`` to ``[-bound, bound]``
+            (:func:`~d2r_torchrl.objectives.value_targets.soft_return_bound` gives the bound
+            that rewards, entropy bonus and gamma imply); ``None`` (default) does not clip.
+        reward_normalization: a
+            :class:`~d2r_torchrl.objectives.value_targets.PerTaskRewardScale` that divides each
+            task's rewards in ``y`` by that task's scale (kept in this loss's state dict);
+            ``None`` (default) uses the rewards as they are.
     """
 
     def __init__(
@@ -120,6 +128,8 @@ class MultiTaskSACLoss(SACLoss):
         time_limit_terminal: bool = False,
         action_spec=None,
         deactivate_vmap: bool = False,
+        td_target_bound: float | None = None,
+        reward_normalization: PerTaskRewardScale | None = None,
     ) -> None:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
@@ -129,6 +139,12 @@ class MultiTaskSACLoss(SACLoss):
             raise ValueError(f"Unknown extreme_loss_rule {extreme_loss_rule!r}; accepted: {list(EXTREME_LOSS_RULES)}.")
         if reward_scale <= 0:
             raise ValueError(f"reward_scale must be positive, got {reward_scale}.")
+        if td_target_bound is not None and not td_target_bound > 0:
+            raise ValueError(f"td_target_bound must be positive or None, got {td_target_bound}.")
+        if reward_normalization is not None and not isinstance(reward_normalization, PerTaskRewardScale):
+            raise TypeError(
+                f"reward_normalization must be a PerTaskRewardScale or None, got {type(reward_normalization).__name__}."
+            )
         super().__init__(
             actor_network,
             qvalue_network,
@@ -147,6 +163,8 @@ class MultiTaskSACLoss(SACLoss):
         self.extreme_loss_threshold = extreme_loss_threshold
         self.extreme_loss_rule = extreme_loss_rule
         self.reward_scale = reward_scale
+        self.td_target_bound = td_target_bound
+        self.reward_normalization = reward_normalization
         routed = d2r_networks(actor_network)
         self.route_layout = routed[0].layout if routed else None
         actor_keys, critic_keys = (
@@ -299,7 +317,12 @@ class MultiTaskSACLoss(SACLoss):
             next_value = next_value - alpha * next_log_prob
             target_td = tensordict.select("next", strict=False).copy()
             target_td.set(("next", self.value_estimator.tensor_keys.value), next_value.unsqueeze(-1))
+            if self.reward_normalization is not None:
+                reward_key = ("next", self.value_estimator.tensor_keys.reward)
+                task_id = flatten_task_id(tensordict.get(TASK_KEY), tensordict.batch_size)
+                target_td.set(reward_key, self.reward_normalization(target_td.get(reward_key), task_id))
             target = self.value_estimator.value_estimate(target_td).squeeze(-1)
+            target = clip_td_target(target, self.td_target_bound)
         with set_routing_mode(RoutingMode.SAMPLE):
             pred = self._critics(
                 tensordict.select(*self.qvalue_network.in_keys, strict=False), self.qvalue_network_params

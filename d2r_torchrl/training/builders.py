@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import gymnasium as gym
@@ -16,6 +17,7 @@ from d2r_torchrl.data.replay import make_replay_buffer
 from d2r_torchrl.envs.metaworld import make_env, resolve_tasks
 from d2r_torchrl.modules.actor_critic import make_actor, make_critic
 from d2r_torchrl.objectives.multitask_sac import MultiTaskSACLoss
+from d2r_torchrl.objectives.value_targets import METAWORLD_MAX_REWARD, PerTaskRewardScale, soft_return_bound
 from d2r_torchrl.training import evaluation
 from d2r_torchrl.training.config import ConfigError, RunConfig
 from d2r_torchrl.training.update import UpdateFn, make_update
@@ -124,9 +126,34 @@ def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTa
         extreme_loss_rule=config.loss.extreme_loss_rule,
         reward_scale=config.env.reward_scale,
         time_limit_terminal=config.loss.time_limit_terminal,
+        **critic_target_options(config, actor, num_tasks),
     )
     loss.make_value_estimator(gamma=config.loss.gamma)
     return loss, SoftUpdate(loss, tau=config.loss.target_update_tau)
+
+
+def critic_target_options(config: RunConfig, actor: ProbabilisticActor, num_tasks: int) -> dict:
+    """``td_target_bound`` and ``reward_normalization`` of :class:`MultiTaskSACLoss` from
+    ``loss.clip_td_target`` and ``loss.reward_normalization``.
+
+    Normalised rewards reach at most 1; otherwise Meta-World's 10 times ``env.reward_scale``.
+    The bound is infinite-horizon unless time limits are terminal (``loss.time_limit_terminal``),
+    then over ``env.max_episode_steps``. A task's reward scale is floored at
+    ``env.reward_scale`` (a Meta-World reward of 1), so no task's rewards grow more than 10-fold
+    past Meta-World's range."""
+    loss = config.loss
+    options: dict = {}
+    if loss.reward_normalization:
+        options["reward_normalization"] = PerTaskRewardScale(num_tasks, floor=config.env.reward_scale)
+    if loss.clip_td_target:
+        options["td_target_bound"] = soft_return_bound(
+            1.0 if loss.reward_normalization else METAWORLD_MAX_REWARD * config.env.reward_scale,
+            loss.gamma,
+            max_alpha=math.exp(loss.max_log_alpha),
+            action_dim=actor.spec["action"].shape[-1],
+            horizon=config.env.max_episode_steps if loss.time_limit_terminal else None,
+        )
+    return options
 
 
 def make_optimizers(config: RunConfig, loss: MultiTaskSACLoss) -> dict[str, torch.optim.Optimizer]:

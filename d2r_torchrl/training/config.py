@@ -102,6 +102,11 @@ class LossConfig:
     critic_lr: float = ruled(3e-4, POSITIVE)
     alpha_lr: float = ruled(1e-4, POSITIVE)
     grad_clip_norm: typing.Optional[float] = 1.0
+    # critic options (off: the reference's loss). clip_td_target: clamp TD targets to the soft
+    # return bound of the rewards, the capped temperature and gamma (objectives/value_targets.py);
+    # reward_normalization: divide each task's rewards by the largest |reward| it has shown
+    clip_td_target: bool = False
+    reward_normalization: bool = False
 
 
 @dataclass
@@ -360,6 +365,11 @@ def validate(config: RunConfig) -> RunConfig:
         not (config.buffer.kind.startswith("stratified") and config.collector.kind == "multi_async"),
         f"buffer.kind={config.buffer.kind} needs every task in every collected batch; use collector.kind "
         "'sync' or 'multi_sync' with it.",
+    )
+    _require(
+        not (config.loss.clip_td_target and config.loss.max_log_alpha is None),
+        "loss.clip_td_target=true needs loss.max_log_alpha (a cap on the temperature) to bound the entropy "
+        "bonus in the TD target; set a cap or loss.clip_td_target=false.",
     )
     warmup_frames = config.collector.warmup_rounds * config.collector.steps_per_task * len(tasks)
     _require(
