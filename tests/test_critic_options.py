@@ -172,6 +172,7 @@ def test_config_options_reach_the_loss():
     loss = pendulum_loss(["env.reward_scale=1.0", "loss.clip_td_target=true", "loss.reward_normalization=true"])
     assert loss.td_target_bound == pytest.approx((1.0 + math.log(2)) / 0.01)
     assert loss.reward_normalization.floor == 1.0
+    assert loss.reward_scale == 0.1  # the extreme-task threshold follows the normalised rewards
     critic = pendulum_loss(["network.critic_layer_norm=true"]).qvalue_network
     assert any(isinstance(m, torch.nn.LayerNorm) for m in critic.modules())
     with pytest.raises(ConfigError, match="loss.clip_td_target=true needs loss.max_log_alpha"):

@@ -16,7 +16,7 @@ from torchrl.objectives import SoftUpdate
 from d2r_torchrl.data.replay import make_replay_buffer
 from d2r_torchrl.envs.metaworld import make_env, resolve_tasks
 from d2r_torchrl.modules.actor_critic import make_actor, make_critic
-from d2r_torchrl.objectives.multitask_sac import MultiTaskSACLoss
+from d2r_torchrl.objectives.multitask_sac import REFERENCE_REWARD_SCALE, MultiTaskSACLoss
 from d2r_torchrl.objectives.value_targets import METAWORLD_MAX_REWARD, PerTaskRewardScale, soft_return_bound
 from d2r_torchrl.training import evaluation
 from d2r_torchrl.training.config import ConfigError, RunConfig
@@ -124,7 +124,8 @@ def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTa
         max_log_alpha=config.loss.max_log_alpha,
         extreme_loss_threshold=config.loss.extreme_loss_threshold,
         extreme_loss_rule=config.loss.extreme_loss_rule,
-        reward_scale=config.env.reward_scale,
+        # normalised rewards reach at most 1: Meta-World's 10 at the reference scale
+        reward_scale=REFERENCE_REWARD_SCALE if config.loss.reward_normalization else config.env.reward_scale,
         time_limit_terminal=config.loss.time_limit_terminal,
         **critic_target_options(config, actor, num_tasks),
     )
@@ -139,8 +140,8 @@ def critic_target_options(config: RunConfig, actor: ProbabilisticActor, num_task
     Normalised rewards reach at most 1; otherwise Meta-World's 10 times ``env.reward_scale``.
     The bound is infinite-horizon unless time limits are terminal (``loss.time_limit_terminal``),
     then over ``env.max_episode_steps``. A task's reward scale is floored at
-    ``env.reward_scale`` (a Meta-World reward of 1), so no task's rewards grow more than 10-fold
-    past Meta-World's range."""
+    ``env.reward_scale`` (a Meta-World reward of 1): a task that has shown only small rewards
+    has them scaled up at most 10 times as much as one that reached Meta-World's largest, 10."""
     loss = config.loss
     options: dict = {}
     if loss.reward_normalization:
