@@ -9,6 +9,7 @@ from torchrl.data import Bounded
 from d2r_torchrl.data.replay import random_transitions
 from d2r_torchrl.modules.actor_critic import make_actor, make_critic
 from d2r_torchrl.modules.routing import RoutingMode, set_routing_mode
+from d2r_torchrl.modules.value_heads import HLGaussValue
 from d2r_torchrl.objectives import MultiTaskSACLoss
 from d2r_torchrl.objectives.value_targets import PerTaskRewardScale, soft_return_bound
 from d2r_torchrl.training import builders
@@ -175,5 +176,57 @@ def test_config_options_reach_the_loss():
     assert loss.reward_scale == 0.1  # the extreme-task threshold follows the normalised rewards
     critic = pendulum_loss(["network.critic_layer_norm=true"]).qvalue_network
     assert any(isinstance(m, torch.nn.LayerNorm) for m in critic.modules())
-    with pytest.raises(ConfigError, match="loss.clip_td_target=true needs loss.max_log_alpha"):
+    head = pendulum_loss(["network.critic_value_bins=51"]).qvalue_network.value_head
+    assert head.num_bins == 51 and head.edges[-1].item() == pytest.approx((1.0 + math.log(2)) / 0.01)
+    assert head.edges[0].item() == pytest.approx(-(1.0 + math.log(2)) / 0.01)
+    with pytest.raises(ConfigError, match="loss.clip_td_target=True needs loss.max_log_alpha"):
         pendulum_loss(["loss.clip_td_target=true", "loss.max_log_alpha=none"])
+    with pytest.raises(ConfigError, match="network.critic_value_bins=1 must be >= 2"):
+        pendulum_loss(["network.critic_value_bins=1"])
+
+
+def normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def hl_gauss_by_hand(y: float, edges: list[float], sigma: float) -> list[float]:
+    y = min(max(y, edges[0]), edges[-1])
+    cdf = [normal_cdf((e - y) / sigma) for e in edges]
+    return [(b - a) / (cdf[-1] - cdf[0]) for a, b in zip(cdf[:-1], cdf[1:])]
+
+
+def test_hl_gauss_head_hand_worked():
+    head = HLGaussValue(-1.0, 1.0, 2)  # edges -1, 0, 1; sigma 0.75
+    probs = head.target_probs(torch.tensor([0.0, 0.5, 5.0]))
+    torch.testing.assert_close(probs[0], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(probs[1], torch.tensor([0.31699, 0.68301]), atol=1e-5, rtol=0)  # worked on paper
+    torch.testing.assert_close(probs[2], torch.tensor(hl_gauss_by_hand(1.0, [-1.0, 0.0, 1.0], 0.75)))  # clamped to 1
+    torch.testing.assert_close(head.value(torch.tensor([0.0, math.log(3.0)])), torch.tensor([0.25]))  # 0.25(-0.5) + 0.75(0.5)
+    with pytest.raises(ValueError, match="num_bins >= 2"):
+        HLGaussValue(-1.0, 1.0, 1)
+
+
+def test_categorical_critic_loss_is_the_cross_entropy_against_hl_gauss_targets():
+    """Terminal transitions (``y = r``), equal tasks: the critic loss is the mean over samples of
+    ``sum_k -sum_j p_j(r) log softmax(logits_k)_j``, with ``p`` worked out from the normal CDF."""
+    torch.manual_seed(0)
+    spec = Bounded(-1.0, 1.0, (ACT,))
+    actor = make_actor("mt_sac", OBS, spec, TASKS, **TINY["mt_sac"])
+    head = HLGaussValue(-2.0, 2.0, 8)
+    critic = make_critic("mt_sac", OBS, ACT, TASKS, value_head=head, **TINY["mt_sac"])
+    loss = MultiTaskSACLoss(actor, critic, num_tasks=TASKS)
+    loss.make_value_estimator(gamma=0.9)
+    batch = random_transitions(actor, TASKS, 6, OBS, generator=torch.Generator().manual_seed(2))
+    batch["next", "terminated"].fill_(True)
+    batch["next", "reward"] = torch.tensor([[-3.0], [-1.0], [0.0], [0.3], [1.2], [2.5]])
+    out = loss(batch.clone())
+    edges, sigma = head.edges.tolist(), 0.75 * 4.0 / 8
+    expected = 0.0
+    for member in loss.qvalue_network_params.unbind(0):
+        with member.to_module(critic), torch.no_grad():
+            logits = critic(batch.select("observation", "action", "task_id").clone())["state_action_value_logits"]
+        for row, reward in zip(torch.log_softmax(logits, -1).tolist(), batch["next", "reward"].flatten().tolist()):
+            expected -= sum(p * lp for p, lp in zip(hl_gauss_by_hand(reward, edges, sigma), row))
+    torch.testing.assert_close(out["loss_qvalue"], torch.tensor(expected / 6), rtol=1e-5, atol=1e-6)
+    out["loss_qvalue"].backward()  # gradients reach the critic's logits layer
+    assert loss.qvalue_network_params["network", "head", "weight"].grad.abs().sum() > 0

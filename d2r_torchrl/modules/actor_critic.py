@@ -24,9 +24,11 @@ from d2r_torchrl.modules.d2r import D2RNetwork
 from d2r_torchrl.modules.distributions import tanh_normal_class
 from d2r_torchrl.modules.routing import RoutingMode, routing_mode
 from d2r_torchrl.modules.task_conditioning import check_task_range
+from d2r_torchrl.modules.value_heads import HLGaussValue
 
 ROUTE_KEY = ("routing", "path")
 ROUTE_LOGITS_KEY = ("routing", "logits")
+VALUE_LOGITS_KEY = "state_action_value_logits"
 LOG_STD_MAX = 2.0
 # The smallest scale TorchRL's TanhNormal accepts is (strictly) above 1e-6; the reference's
 # log-std floor of -20 (a scale of 2e-9) lies below it. TorchRL turns argument validation off,
@@ -136,14 +138,25 @@ class PolicyParams(_MultiTaskModule):
 
 
 class QValue(_MultiTaskModule):
-    """``Q(s, a)`` from ``observation ⊕ action``; writes ``state_action_value`` ``[*B, 1]``."""
+    """``Q(s, a)`` from ``observation ⊕ action``; writes ``state_action_value`` ``[*B, 1]``.
 
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__(network, ["observation", "action", "task_id"], ["state_action_value"])
+    With a ``value_head`` (:class:`~d2r_torchrl.modules.value_heads.HLGaussValue`) the network
+    outputs ``K`` logits, written to ``state_action_value_logits`` ``[*B, K]``, and
+    ``state_action_value`` is their expected value.
+    """
+
+    def __init__(self, network: nn.Module, value_head: HLGaussValue | None = None) -> None:
+        out_keys = ["state_action_value"] + ([VALUE_LOGITS_KEY] if value_head is not None else [])
+        super().__init__(network, ["observation", "action", "task_id"], out_keys)
+        self.value_head = value_head
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         features = torch.cat([tensordict.get("observation"), tensordict.get("action")], dim=-1)
-        tensordict.set("state_action_value", self._run(tensordict, features))
+        out = self._run(tensordict, features)
+        if self.value_head is not None:
+            tensordict.set(VALUE_LOGITS_KEY, out)
+            out = self.value_head.value(out)
+        tensordict.set("state_action_value", out)
         return tensordict
 
 
@@ -181,13 +194,16 @@ def make_critic(
     observation_dim: int,
     action_dim: int,
     num_tasks: int,
+    value_head: HLGaussValue | None = None,
     **network_kwargs: Any,
 ) -> QValue:
     """One Q-network; the loss module makes the twin copy. ``network_kwargs`` go to the
     network, e.g. ``layer_norm=True`` (a LayerNorm after every hidden ``Linear``; for D2R
-    those of its encoder and modules), which every architecture accepts."""
-    network = make_network(architecture, observation_dim + action_dim, num_tasks, 1, **network_kwargs)
-    return QValue(network)
+    those of its encoder and modules), which every architecture accepts. With ``value_head``
+    the critic is categorical (see :class:`QValue`)."""
+    outputs = 1 if value_head is None else value_head.num_bins
+    network = make_network(architecture, observation_dim + action_dim, num_tasks, outputs, **network_kwargs)
+    return QValue(network, value_head)
 
 
 def num_route_logits(module: nn.Module) -> int | None:

@@ -12,7 +12,7 @@ from torchrl.objectives import SACLoss
 from torchrl.objectives.sac import compute_rsample_log_prob
 from torchrl.objectives.common import add_random_module
 
-from d2r_torchrl.modules.actor_critic import ROUTE_KEY, d2r_networks
+from d2r_torchrl.modules.actor_critic import ROUTE_KEY, VALUE_LOGITS_KEY, d2r_networks
 from d2r_torchrl.modules.d2r import D2RNetwork, route_temperature_from_log_alpha
 from d2r_torchrl.modules.routing import RoutingMode, route_depth, set_routing_mode
 from d2r_torchrl.modules.task_conditioning import check_task_range, flatten_task_id
@@ -49,7 +49,7 @@ class MultiTaskSACLoss(SACLoss):
 
         J_alpha_t = -mean[log alpha_t (log pi(a~|s) - |A|)]
         J_pi_t    = w_t mean[alpha_t log pi(a~|s) - min_k Q_k(s, a~)]
-        J_Q_t     = w_t mean[sum_k (Q_k(s, a) - y)^2]
+        J_Q_t     = w_t mean[sum_k (Q_k(s, a) - y)^2]   (a categorical critic: its cross-entropy)
         y = r + gamma (1 - terminated) (min_k Qbar_k(s', a') - alpha_t log pi(a'|s'))
 
     with ``w_t = T softmax(-log alpha)_t`` (detached) when ``loss_balancing`` is on, else 1.
@@ -250,13 +250,13 @@ class MultiTaskSACLoss(SACLoss):
         weights = self._maybe_get_priority_weight(tensordict)
         alpha = self._alpha[task_id]
 
-        q_pred, target = self._critic_terms(tensordict, alpha)
+        q_pred, target, critic_error = self._critic_terms(tensordict, alpha)
         log_prob, min_q, route = self._actor_terms(tensordict)
         terms = torch.stack(
             [
                 -self.log_alpha[task_id] * (log_prob.detach() + self.target_entropy),
                 alpha * log_prob - min_q,
-                (q_pred - target).pow(2).sum(0),
+                critic_error,
             ]
         )
         per_task, counts = per_task_mean(terms, task_id, self.num_tasks, weights)
@@ -299,8 +299,12 @@ class MultiTaskSACLoss(SACLoss):
                 outputs.append(self.qvalue_network(tensordict.copy()))
         return torch.stack(outputs)
 
-    def _critic_terms(self, tensordict: TensorDictBase, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q_k(s, a) [2, B] with sampled routes, TD target y [B])``."""
+    def _critic_terms(
+        self, tensordict: TensorDictBase, alpha: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(Q_k(s, a) [2, B] with sampled routes, TD target y [B], critic loss per sample [B])``:
+        ``sum_k (Q_k - y)^2``, or for a categorical critic (a ``value_head``) ``sum_k`` of its
+        cross-entropy against ``y``."""
         with torch.no_grad():
             next_td = tensordict.get("next").select(*self.actor_network.in_keys, strict=False).copy()
             with set_exploration_type(ExplorationType.RANDOM), set_routing_mode(
@@ -327,7 +331,11 @@ class MultiTaskSACLoss(SACLoss):
             pred = self._critics(
                 tensordict.select(*self.qvalue_network.in_keys, strict=False), self.qvalue_network_params
             )
-        return pred.get(self.tensor_keys.state_action_value).squeeze(-1), target
+        q_pred = pred.get(self.tensor_keys.state_action_value).squeeze(-1)
+        value_head = getattr(self.qvalue_network, "value_head", None)
+        if value_head is None:
+            return q_pred, target, (q_pred - target).pow(2).sum(0)
+        return q_pred, target, value_head.cross_entropy(pred.get(VALUE_LOGITS_KEY), target).sum(0)
 
     def _actor_terms(
         self, tensordict: TensorDictBase

@@ -86,6 +86,9 @@ class NetworkConfig:
     log_prob: str = choice("exact", LOG_PROB_FORMS)
     # a LayerNorm after every hidden Linear of the critics (D2R: encoder and modules)
     critic_layer_norm: bool = False
+    # none: the critic regresses Q; K: a categorical critic (HL-Gauss, K bins over +- the soft
+    # return bound of loss.clip_td_target's rule) trained by cross-entropy
+    critic_value_bins: typing.Optional[int] = ruled(None, (lambda value: value is None or value >= 2, "must be >= 2 or none"))
 
 
 @dataclass
@@ -366,11 +369,12 @@ def validate(config: RunConfig) -> RunConfig:
         f"buffer.kind={config.buffer.kind} needs every task in every collected batch; use collector.kind "
         "'sync' or 'multi_sync' with it.",
     )
-    _require(
-        not (config.loss.clip_td_target and config.loss.max_log_alpha is None),
-        "loss.clip_td_target=true needs loss.max_log_alpha (a cap on the temperature) to bound the entropy "
-        "bonus in the TD target; set a cap or loss.clip_td_target=false.",
-    )
+    for key, on in (("loss.clip_td_target", config.loss.clip_td_target), ("network.critic_value_bins", config.network.critic_value_bins)):
+        _require(
+            not (on and config.loss.max_log_alpha is None),
+            f"{key}={on} needs loss.max_log_alpha (a cap on the temperature) to bound the entropy "
+            f"bonus in the return; set a cap or turn {key} off.",
+        )
     warmup_frames = config.collector.warmup_rounds * config.collector.steps_per_task * len(tasks)
     _require(
         config.buffer.capacity > warmup_frames,
