@@ -13,7 +13,8 @@
 Both sides train on the same task with random goals (Meta-World's pre-sampled goals of the
 task, drawn at every reset), 200-step episodes, MLPs 400-400-400 with the same
 initialisation (hidden weights uniform in +-1/sqrt(fan_out), bias 0.1, output layers
-uniform in +-3e-3), a TanhNormal policy (log-std floor -20), twin critics, batch 128,
+uniform in +-3e-3), a TanhNormal policy (scale floored just above 1e-6, the smallest
+TorchRL's TanhNormal accepts; runs recorded before 2026-12-07 used a log-std floor of -20), twin critics, batch 128,
 rounds of 200 env steps then 200 updates after 20 warm-up rounds collected by the initial
 policy, Adam lr 3e-4 (alpha lr per ``--set``), tau 0.005, gamma 0.99, alpha <= 1, the
 gradient of each network clipped to norm 1, bootstrapping through time limits.
@@ -60,6 +61,7 @@ from torchrl.modules import MLP, NormalParamExtractor, ProbabilisticActor, TanhN
 from torchrl.objectives import SACLoss, SoftUpdate  # noqa: E402
 
 from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
+from d2r_torchrl.modules.actor_critic import SCALE_MIN  # noqa: E402
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
 from d2r_torchrl.training.config import apply_overrides, preset  # noqa: E402
 from d2r_torchrl.training.evaluation import evaluate, make_eval_envs  # noqa: E402
@@ -179,7 +181,7 @@ def stock_sac(hyper: Hyper, env: TransformedEnv) -> tuple[ProbabilisticActor, SA
         net = MLP(in_features=in_features, out_features=out_features, num_cells=list(hyper.hidden), activation_class=nn.ReLU)
         return reference_init_(net)
 
-    policy_head = nn.Sequential(mlp(observation_dim, 2 * action_dim), NormalParamExtractor("exp", scale_lb=math.exp(-20)))
+    policy_head = nn.Sequential(mlp(observation_dim, 2 * action_dim), NormalParamExtractor("exp", scale_lb=SCALE_MIN))
     actor = ProbabilisticActor(
         TensorDictModule(policy_head, in_keys=["observation"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"],

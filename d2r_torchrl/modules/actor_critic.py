@@ -22,13 +22,23 @@ from torchrl.modules import ProbabilisticActor, TanhNormal
 
 from d2r_torchrl.modules.baselines import SOFT_MODULAR_PRESETS, MultiTaskMLP, SoftModularNetwork
 from d2r_torchrl.modules.d2r import D2RNetwork
+from d2r_torchrl.modules.distributions import tanh_normal_class
 from d2r_torchrl.modules.routing import RoutingMode, routing_mode
 from d2r_torchrl.modules.task_conditioning import check_task_range
+from d2r_torchrl.modules.value_heads import HLGaussValue
 
 TASK_KEY = "task_id"
 ROUTE_KEY = ("routing", "path")
 ROUTE_LOGITS_KEY = ("routing", "logits")
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+VALUE_LOGITS_KEY = "state_action_value_logits"
+LOG_STD_MAX = 2.0
+# The smallest scale TorchRL's TanhNormal accepts is (strictly) above 1e-6; the reference's
+# log-std floor of -20 (a scale of 2e-9) lies below it. TorchRL turns argument validation off,
+# so such a scale would pass unchecked; the policy floors it at the first float32 value the
+# declared constraint accepts instead (a log-std of about -13.8).
+SCALE_MIN = torch.nextafter(
+    torch.tensor(TanhNormal.arg_constraints["scale"].lower_bound, dtype=torch.float32), torch.tensor(1.0)
+).item()
 
 ARCHITECTURES = ("d2r", "soft_modular", "mt_sac", "mh_sac")
 
@@ -114,7 +124,8 @@ class _MultiTaskModule(TensorDictModuleBase):
 
 
 class PolicyParams(_MultiTaskModule):
-    """Writes the TanhNormal parameters ``loc`` and ``scale`` (log-std clamped to [-20, 2]).
+    """Writes the TanhNormal parameters ``loc`` and ``scale = exp(min(log_std, 2))``, floored at
+    :data:`SCALE_MIN` (TorchRL's smallest scale).
 
     A D2R policy also writes the router logits and the route it took.
     """
@@ -132,19 +143,34 @@ class PolicyParams(_MultiTaskModule):
         out = self._run(tensordict, tensordict.get("observation"))
         loc, log_std = out.chunk(2, dim=-1)
         tensordict.set("loc", loc)
-        tensordict.set("scale", log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp())
+        tensordict.set("scale", log_std.clamp(max=LOG_STD_MAX).exp().clamp(min=SCALE_MIN))
         return tensordict
 
 
 class QValue(_MultiTaskModule):
-    """``Q(s, a)`` from ``observation ⊕ action``; writes ``state_action_value`` ``[*B, 1]``."""
+    """``Q(s, a)`` from ``observation ⊕ action``; writes ``state_action_value`` ``[*B, 1]``.
+
+    With a ``value_head`` (:class:`~d2r_torchrl.modules.value_heads.HLGaussValue`) the network
+    outputs ``K`` logits, written to ``state_action_value_logits`` ``[*B, K]``, and
+    ``state_action_value`` is their expected value.
+    """
+
+    def __init__(self, network: nn.Module, value_head: HLGaussValue | None = None) -> None:
+        self.categorical = value_head is not None  # read by _keys, before the module is set up
+        super().__init__(network)
+        self.value_head = value_head
 
     def _keys(self) -> tuple[list, list]:
-        return ["observation", "action", self.task_key], ["state_action_value"]
+        logits = [VALUE_LOGITS_KEY] if self.categorical else []
+        return ["observation", "action", self.task_key], ["state_action_value", *logits]
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         features = torch.cat([tensordict.get("observation"), tensordict.get("action")], dim=-1)
-        tensordict.set("state_action_value", self._run(tensordict, features))
+        out = self._run(tensordict, features)
+        if self.value_head is not None:
+            tensordict.set(VALUE_LOGITS_KEY, out)
+            out = self.value_head.value(out)
+        tensordict.set("state_action_value", out)
         return tensordict
 
 
@@ -168,9 +194,13 @@ def make_actor(
     observation_dim: int,
     action_spec: TensorSpec,
     num_tasks: int,
+    log_prob: str = "exact",
     **network_kwargs: Any,
 ) -> ProbabilisticActor:
-    """A ``ProbabilisticActor`` with a TanhNormal over ``action_spec``'s box."""
+    """A ``ProbabilisticActor`` with a tanh-squashed Gaussian over ``action_spec``'s box, scored
+    by ``log_prob``: ``"exact"`` (TorchRL's ``TanhNormal``) or ``"reference"`` (the authors'
+    bounded tanh correction, :class:`~d2r_torchrl.modules.distributions.ReferenceTanhNormal`)."""
+    distribution_class = tanh_normal_class(log_prob)
     action_dim = action_spec.shape[-1]
     network = make_network(architecture, observation_dim, num_tasks, 2 * action_dim, **network_kwargs)
     params = PolicyParams(network)
@@ -178,7 +208,7 @@ def make_actor(
         params,
         in_keys=["loc", "scale"],
         spec=action_spec,
-        distribution_class=TanhNormal,
+        distribution_class=distribution_class,
         distribution_kwargs={
             "low": action_spec.space.low,
             "high": action_spec.space.high,
@@ -193,11 +223,16 @@ def make_critic(
     observation_dim: int,
     action_dim: int,
     num_tasks: int,
+    value_head: HLGaussValue | None = None,
     **network_kwargs: Any,
 ) -> QValue:
-    """One Q-network; the loss module makes the twin copy."""
-    network = make_network(architecture, observation_dim + action_dim, num_tasks, 1, **network_kwargs)
-    return QValue(network)
+    """One Q-network; the loss module makes the twin copy. ``network_kwargs`` go to the
+    network, e.g. ``layer_norm=True`` (a LayerNorm after every hidden ``Linear``; for D2R
+    those of its encoder and modules), which every architecture accepts. With ``value_head``
+    the critic is categorical (see :class:`QValue`)."""
+    outputs = 1 if value_head is None else value_head.num_bins
+    network = make_network(architecture, observation_dim + action_dim, num_tasks, outputs, **network_kwargs)
+    return QValue(network, value_head)
 
 
 def num_route_logits(module: nn.Module) -> int | None:

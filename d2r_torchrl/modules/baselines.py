@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d2r_torchrl.modules.init import hidden_linear, init_hidden, mlp, output_linear, reset_linear_layers
+from d2r_torchrl.modules.init import hidden_linear, init_hidden, layer_norm_or_identity, mlp, output_linear, reset_linear_layers
 from d2r_torchrl.modules.task_conditioning import TaskEmbedding, check_features, flatten_task_id
 
 
@@ -15,7 +15,8 @@ class MultiTaskMLP(nn.Module):
     """MT-SAC: an MLP on ``features ⊕ one_hot(task_id)`` (default widths 400-400-400).
 
     With ``multi_head=True`` (MH-SAC) the output layer has one head per task and each
-    sample reads its own task's head.
+    sample reads its own task's head. ``layer_norm`` puts a ``LayerNorm`` after every
+    hidden ``Linear`` (before its ReLU).
     """
 
     def __init__(
@@ -26,13 +27,14 @@ class MultiTaskMLP(nn.Module):
         *,
         hidden_widths: tuple[int, ...] = (400, 400, 400),
         multi_head: bool = False,
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.num_tasks = num_tasks
         self.out_features = out_features
         self.multi_head = multi_head
-        self.trunk = mlp(in_features + num_tasks, tuple(hidden_widths), final_activation=True)
+        self.trunk = mlp(in_features + num_tasks, tuple(hidden_widths), final_activation=True, layer_norm=layer_norm)
         heads = num_tasks if multi_head else 1
         self.head = output_linear(hidden_widths[-1], heads * out_features)
 
@@ -62,6 +64,9 @@ class SoftModularNetwork(nn.Module):
     matrices: ``softmax(W_l ReLU(C_l [p_0..p_{l-1}] * g))``. Modules of layer ``l + 1``
     read ``ReLU(sum_s p_l[dst, s] y_s)``; the last layer is mixed by
     ``softmax(W_last ReLU(C_last [p_0..p_{L-2}] * g))``, then ReLU and the output layer.
+
+    ``layer_norm`` puts a ``LayerNorm`` after every ``Linear`` of the state encoder and of
+    every module (before the ReLU that follows); the gating network and routing are unchanged.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class SoftModularNetwork(nn.Module):
         module_width: int = 256,
         encoder_widths: tuple[int, ...] = (400, 400),
         gating_widths: tuple[int, ...] = (256, 256),
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 2 or num_modules < 1:
@@ -89,7 +95,7 @@ class SoftModularNetwork(nn.Module):
         embed_width = encoder_widths[-1]
         gate_width = gating_widths[-1]
         square = num_modules * num_modules
-        self.state_encoder = mlp(in_features, tuple(encoder_widths), final_activation=False)
+        self.state_encoder = mlp(in_features, tuple(encoder_widths), final_activation=False, layer_norm=layer_norm)
         self.task_embedding = TaskEmbedding(num_tasks, embed_width)
         init_hidden(self.task_embedding)
         self.gating = mlp(embed_width, tuple(gating_widths), final_activation=False)
@@ -99,6 +105,10 @@ class SoftModularNetwork(nn.Module):
                 for _ in range(num_modules)
             )
             for layer in range(num_layers)
+        )
+        self.module_norms = nn.ModuleList(
+            nn.ModuleList(layer_norm_or_identity(module_width, layer_norm) for _ in range(num_modules))
+            for _ in range(num_layers)
         )
         self.route_logits = nn.ModuleList(
             output_linear(gate_width, square) for _ in range(num_layers - 1)
@@ -136,10 +146,10 @@ class SoftModularNetwork(nn.Module):
         gating = self.gating(torch.relu(self.task_embedding(task_id) * state))
         probs, last = self.routing_probabilities(gating)
         inputs = torch.relu(state)
-        outputs = torch.stack([module(inputs) for module in self.layers[0]], dim=-2)
-        for p, layer in zip(probs, self.layers[1:]):
+        outputs = torch.stack([norm(module(inputs)) for module, norm in zip(self.layers[0], self.module_norms[0])], -2)
+        for p, layer, norms in zip(probs, self.layers[1:], self.module_norms[1:]):
             mixed = torch.relu(p @ outputs)
-            outputs = torch.stack([module(mixed[..., i, :]) for i, module in enumerate(layer)], -2)
+            outputs = torch.stack([norm(module(mixed[..., i, :])) for i, (module, norm) in enumerate(zip(layer, norms))], -2)
         mixed = torch.relu((last.unsqueeze(-2) @ outputs).squeeze(-2))
         return self.head(mixed)
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d2r_torchrl.modules.init import hidden_linear, init_hidden, init_hidden_tensors, mlp, output_linear, reset_linear_layers
+from d2r_torchrl.modules.d2r_spec import dense_routes, module_chain
+from d2r_torchrl.modules.init import (
+    hidden_linear,
+    init_hidden,
+    init_hidden_tensors,
+    layer_norm_or_identity,
+    mlp,
+    output_linear,
+    reset_linear_layers,
+)
 from d2r_torchrl.modules.module_chain import run_chain
 from d2r_torchrl.modules.routing import GateLayout, route_slots, routing_mode
 from d2r_torchrl.modules.task_conditioning import TaskEmbedding, check_features, flatten_task_id
@@ -29,6 +38,12 @@ class D2RNetwork(nn.Module):
             and pick routes with the native routing pass (:mod:`~d2r_torchrl.modules.native_chain`;
             the PyTorch path runs on CUDA, under ``torch.compile`` or if it cannot be built);
             an attribute, so it can be switched after construction.
+        layer_norm: a ``LayerNorm`` after every ``Linear`` of the state encoder and of every
+            module, before its ReLU (module ``i``: ``relu(LN(W^i x~^i + b^i)) + x^i``); router
+            and head are unchanged. Neither the native pass nor
+            :class:`~d2r_torchrl.modules.module_chain.ModuleChain` normalises, so with it the
+            chain runs in the specification's plain-autograd form
+            (:func:`~d2r_torchrl.modules.d2r_spec.module_chain`), whatever ``native_chain`` says.
 
     ``forward(features [*B, in], task_id [*B] or [*B, 1], behaviour_route [*B, L] bool)``
     returns ``(out [*B, out], logits [*B, L], route [*B, L] bool)`` with
@@ -58,6 +73,7 @@ class D2RNetwork(nn.Module):
         router_widths: tuple[int, ...] = (256, 256),
         res_routing: bool = True,
         native_chain: bool = True,
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_tasks < 1:
@@ -66,9 +82,10 @@ class D2RNetwork(nn.Module):
         self.num_tasks = num_tasks
         self.res_routing = res_routing
         self.native_chain = native_chain
+        self.layer_norm = layer_norm
         self.layout = GateLayout(num_modules, top_k)
         embed_width = encoder_widths[-1]
-        self.state_encoder = mlp(in_features, tuple(encoder_widths), final_activation=False)
+        self.state_encoder = mlp(in_features, tuple(encoder_widths), final_activation=False, layer_norm=layer_norm)
         self.task_embedding = TaskEmbedding(num_tasks, embed_width)
         init_hidden(self.task_embedding)
         self.router = nn.Sequential(
@@ -76,9 +93,13 @@ class D2RNetwork(nn.Module):
             hidden_linear(router_widths[-1], self.layout.num_logits),
         )
         self.first_module = hidden_linear(embed_width, module_width)
+        self.first_norm = layer_norm_or_identity(module_width, layer_norm)
         later = [hidden_linear(module_width, module_width) for _ in range(num_modules - 1)]
         self.module_weight = nn.Parameter(_stack([m.weight for m in later], (module_width, module_width)))
         self.module_bias = nn.Parameter(_stack([m.bias for m in later], (module_width,)))
+        if layer_norm:  # gains and shifts of modules 2..N, stacked as their weights
+            self.module_norm_weight = nn.Parameter(torch.ones(num_modules - 1, module_width))
+            self.module_norm_bias = nn.Parameter(torch.zeros(num_modules - 1, module_width))
         self.head = output_linear(module_width, out_features)
         self.register_buffer("route_temperature", torch.ones(num_tasks))
         self.register_load_state_dict_pre_hook(_stack_per_module_keys)
@@ -94,9 +115,18 @@ class D2RNetwork(nn.Module):
     def reset_parameters(self) -> None:
         """Re-draw every parameter with the project's initialisation (:mod:`~d2r_torchrl.modules.init`):
         hidden layers, task embedding and modules ``2..N`` as hidden layers, the head as an
-        output layer. The routing temperatures (buffers) are left as they are."""
+        output layer, LayerNorms (``layer_norm``) at gain 1 and shift 0. The routing
+        temperatures (buffers) are left as they are."""
         reset_linear_layers(self, output_layers=[self.head])
         init_hidden_tensors(self.module_weight, self.module_bias, self.module_weight.shape[-2])
+        if self.layer_norm:
+            with torch.no_grad():
+                self.module_norm_weight.fill_(1.0)
+                self.module_norm_bias.zero_()
+
+    def module_norm(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[()]:
+        """``(gain, shift)`` ``[N - 1, d]`` of the modules' LayerNorms, or ``()`` without ``layer_norm``."""
+        return (self.module_norm_weight, self.module_norm_bias) if self.layer_norm else ()
 
     @torch.no_grad()
     def set_route_temperature(self, log_alpha: torch.Tensor) -> None:
@@ -124,7 +154,12 @@ class D2RNetwork(nn.Module):
             endorse=res_routing,
             native=self.native_chain,
         )
-        mixed = self._run_modules(torch.relu(state), slots.sources, slots.weights, slots.endorsed)
+        if self.layer_norm:
+            first = torch.relu(self.first_norm(self.first_module(torch.relu(state))))
+            weights, endorsed = dense_routes(flat_logits, slots.route, self.layout, res_routing)
+            mixed = module_chain(first, weights, endorsed, self.module_weight, self.module_bias, *self.module_norm())
+        else:
+            mixed = self._run_modules(torch.relu(state), slots.sources, slots.weights, slots.endorsed)
         return self.head(mixed), flat_logits, slots.route
 
     def _run_modules(

@@ -41,13 +41,16 @@ def network_forward(
 
         h = state_encoder(s);  g = (We c + be) * h;  z = router(g)
         y^1 = relu(first_module(relu(h)));  x^out = module_chain(...);  out = head(x^out)
+
+    (with the network's ``layer_norm``, ``y^1 = relu(LN(first_module(relu(h))))`` and the
+    chain's modules normalised as :func:`module_chain` says).
     """
     state = net.state_encoder(features)
     logits = net.router(net.task_embedding(flatten_task_id(task_id, features.shape[:-1])) * state)
     res_routing = net.res_routing and net.training and torch.is_grad_enabled()
     weights, endorsed = dense_routes(logits, route, net.layout, res_routing)
-    first = torch.relu(net.first_module(torch.relu(state)))
-    return net.head(module_chain(first, weights, endorsed, net.module_weight, net.module_bias))
+    first = torch.relu(net.first_norm(net.first_module(torch.relu(state))))
+    return net.head(module_chain(first, weights, endorsed, net.module_weight, net.module_bias, *net.module_norm()))
 
 
 def dense_routes(
@@ -73,6 +76,8 @@ def module_chain(
     endorsed: torch.Tensor | None,
     module_weight: torch.Tensor,
     module_bias: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Modules ``2..N`` and the output gate: ``x^out`` ``[*B, d]``.
 
@@ -81,6 +86,9 @@ def module_chain(
         weights: ``w`` ``[*B, N, N]`` (see :func:`dense_routes`).
         endorsed: ``m`` ``[*B, N, N]`` bool for ResRouting, or ``None`` (plain gradients).
         module_weight, module_bias: ``[N - 1, d, d]`` and ``[N - 1, d]``, module ``i`` at ``i - 2``.
+        norm_weight, norm_bias: ``[N - 1, d]`` each, or ``None``: when given, every module
+            normalises its pre-activation, ``relu(LN(W^i x~^i + b^i))`` (gain and shift of
+            module ``i`` at ``i - 2``).
 
     With ``y`` the module outputs and ``ybar`` their ResRouting copies (``ybar^1 = sg(y^1)``,
     ``ybar^i = sg(relu(W^i x~^i + b^i)) + x^i``), gate ``i`` computes::
@@ -106,7 +114,12 @@ def module_chain(
             x_tilde = _mix(w * m, y) + _mix(w * (1 - m), y_bar)
         if g == num_modules - 1:
             return x_tilde
-        activation = torch.relu(torch.nn.functional.linear(x_tilde, module_weight[g], module_bias[g]))
+        pre_activation = torch.nn.functional.linear(x_tilde, module_weight[g], module_bias[g])
+        if norm_weight is not None:
+            pre_activation = torch.nn.functional.layer_norm(
+                pre_activation, pre_activation.shape[-1:], norm_weight[g], norm_bias[g]
+            )
+        activation = torch.relu(pre_activation)
         y = torch.cat([y, (activation + x).unsqueeze(-2)], dim=-2)
         y_bar = torch.cat([y_bar, (activation.detach() + x).unsqueeze(-2)], dim=-2)
     raise AssertionError("a chain has at least one gate")

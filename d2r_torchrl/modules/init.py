@@ -45,12 +45,21 @@ def output_linear(in_features: int, out_features: int) -> nn.Linear:
     return init_output(nn.Linear(in_features, out_features))
 
 
-def mlp(in_features: int, widths: tuple[int, ...], final_activation: bool) -> nn.Sequential:
+def layer_norm_or_identity(width: int, layer_norm: bool) -> nn.Module:
+    """``LayerNorm(width)`` (unit gain, zero shift) when ``layer_norm``, else the identity
+    (which adds no parameters, so state dicts keep the reference's keys)."""
+    return nn.LayerNorm(width) if layer_norm else nn.Identity()
+
+
+def mlp(in_features: int, widths: tuple[int, ...], final_activation: bool, layer_norm: bool = False) -> nn.Sequential:
     """Hidden-initialised ``Linear`` layers with ReLU between them (and after the last
-    one when ``final_activation``)."""
+    one when ``final_activation``); with ``layer_norm`` every ``Linear`` is followed by a
+    ``LayerNorm`` (before its ReLU)."""
     layers: list[nn.Module] = []
     for i, width in enumerate(widths):
         layers.append(hidden_linear(in_features, width))
+        if layer_norm:
+            layers.append(nn.LayerNorm(width))
         if final_activation or i < len(widths) - 1:
             layers.append(nn.ReLU())
         in_features = width
@@ -59,10 +68,13 @@ def mlp(in_features: int, widths: tuple[int, ...], final_activation: bool) -> nn
 
 def reset_linear_layers(network: nn.Module, output_layers: Iterable[nn.Linear]) -> None:
     """Re-draw every ``nn.Linear`` of ``network`` as built: :func:`init_output` for
-    ``output_layers``, :func:`init_hidden` for the others (the task embedding included).
+    ``output_layers``, :func:`init_hidden` for the others (the task embedding included);
+    LayerNorms back to gain 1 and shift 0.
     Works in place, so also on parameters swapped in by ``TensorDict.to_module`` (a loss's
     functional or stacked copies)."""
     outputs = {id(layer) for layer in output_layers}
     for module in network.modules():
         if isinstance(module, nn.Linear):
             (init_output if id(module) in outputs else init_hidden)(module)
+        elif isinstance(module, nn.LayerNorm):
+            module.reset_parameters()

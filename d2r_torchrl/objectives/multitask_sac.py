@@ -16,10 +16,18 @@ from torchrl.objectives import SACLoss
 from torchrl.objectives.sac import compute_rsample_log_prob
 from torchrl.objectives.common import add_random_module
 
-from d2r_torchrl.modules.actor_critic import ROUTE_KEY, TASK_KEY, d2r_networks, is_routed, set_multitask_keys
+from d2r_torchrl.modules.actor_critic import (
+    ROUTE_KEY,
+    TASK_KEY,
+    VALUE_LOGITS_KEY,
+    d2r_networks,
+    is_routed,
+    set_multitask_keys,
+)
 from d2r_torchrl.modules.d2r import D2RNetwork, route_temperature_from_log_alpha
 from d2r_torchrl.modules.routing import RoutingMode, route_depth, set_routing_mode
 from d2r_torchrl.modules.task_conditioning import check_task_range, flatten_task_id
+from d2r_torchrl.objectives.value_targets import PerTaskRewardScale, clip_td_target
 
 add_random_module(D2RNetwork)
 
@@ -52,7 +60,7 @@ class MultiTaskSACLoss(SACLoss):
 
         J_alpha_t = -mean[log alpha_t (log pi(a~|s) - |A|)]
         J_pi_t    = w_t mean[alpha_t log pi(a~|s) - min_k Q_k(s, a~)]
-        J_Q_t     = w_t mean[sum_k (Q_k(s, a) - y)^2]
+        J_Q_t     = w_t mean[sum_k (Q_k(s, a) - y)^2]   (a categorical critic: its cross-entropy)
         y = r + gamma (1 - terminated) (min_k Qbar_k(s', a') - alpha_t log pi(a'|s'))
 
     with ``w_t = T softmax(-log alpha)_t`` (detached) when ``loss_balancing`` is on, else 1.
@@ -121,6 +129,13 @@ class MultiTaskSACLoss(SACLoss):
             reference code did; by default only ``terminated`` stops bootstrapping.
         deactivate_vmap: run the twin critics one after the other instead of under
             ``torch.vmap`` (under vmap, D2R critics run as one batched module chain).
+        td_target_bound: clamp the TD target ``y`` to ``[-bound, bound]``
+            (:func:`~d2r_torchrl.objectives.value_targets.soft_return_bound` gives the bound
+            that rewards, entropy bonus and gamma imply); ``None`` (default) does not clip.
+        reward_normalization: a
+            :class:`~d2r_torchrl.objectives.value_targets.PerTaskRewardScale` that divides each
+            task's rewards in ``y`` by that task's scale (kept in this loss's state dict);
+            ``None`` (default) uses the rewards as they are.
     """
 
     @dataclass
@@ -154,9 +169,17 @@ class MultiTaskSACLoss(SACLoss):
         time_limit_terminal: bool = False,
         action_spec=None,
         deactivate_vmap: bool = False,
+        td_target_bound: float | None = None,
+        reward_normalization: PerTaskRewardScale | None = None,
     ) -> None:
         _check_arguments(num_tasks, alpha_init, min_alpha, max_alpha, target_entropy, reduction,
                          extreme_loss_threshold, extreme_loss_rule, reward_scale)
+        if td_target_bound is not None and not td_target_bound > 0:
+            raise ValueError(f"td_target_bound must be positive or None, got {td_target_bound}.")
+        if reward_normalization is not None and not isinstance(reward_normalization, PerTaskRewardScale):
+            raise TypeError(
+                f"reward_normalization must be a PerTaskRewardScale or None, got {type(reward_normalization).__name__}."
+            )
         super().__init__(
             actor_network,
             qvalue_network,
@@ -184,6 +207,8 @@ class MultiTaskSACLoss(SACLoss):
         self.extreme_loss_threshold = extreme_loss_threshold
         self.extreme_loss_rule = extreme_loss_rule
         self.reward_scale = reward_scale
+        self.td_target_bound = td_target_bound
+        self.reward_normalization = reward_normalization
         routed = d2r_networks(actor_network)
         self.route_layout = routed[0].layout if routed else None
         actor_keys, critic_keys = (
@@ -308,13 +333,13 @@ class MultiTaskSACLoss(SACLoss):
         weights = self._maybe_get_priority_weight(tensordict)
         alpha = self._alpha[task_id]
 
-        q_pred, target = self._critic_terms(tensordict, alpha)
+        q_pred, target, critic_error = self._critic_terms(tensordict, alpha)
         log_prob, min_q, route = self._actor_terms(tensordict)
         terms = torch.stack(
             [
                 -self.log_alpha[task_id] * (log_prob.detach() + self.target_entropy),
                 alpha * log_prob - min_q,
-                (q_pred - target).pow(2).sum(0),
+                critic_error,
             ]
         )
         per_task, counts = per_task_mean(terms, task_id, self.num_tasks, weights)
@@ -389,8 +414,12 @@ class MultiTaskSACLoss(SACLoss):
                 outputs.append(self.qvalue_network(tensordict.copy()))
         return torch.stack(outputs)
 
-    def _critic_terms(self, tensordict: TensorDictBase, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q_k(s, a) [2, B] with sampled routes, TD target y [B])``."""
+    def _critic_terms(
+        self, tensordict: TensorDictBase, alpha: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(Q_k(s, a) [2, B] with sampled routes, TD target y [B], critic loss per sample [B])``:
+        ``sum_k (Q_k - y)^2``, or for a categorical critic (a ``value_head``) ``sum_k`` of its
+        cross-entropy against ``y``."""
         with torch.no_grad():
             next_td = tensordict.get("next").select(*self.actor_network.in_keys, strict=False).copy()
             with set_exploration_type(ExplorationType.RANDOM), set_routing_mode(
@@ -407,12 +436,21 @@ class MultiTaskSACLoss(SACLoss):
             next_value = next_value - alpha * next_log_prob
             target_td = tensordict.select("next", strict=False).copy()
             target_td.set(("next", self.value_estimator.tensor_keys.value), next_value.unsqueeze(-1))
+            if self.reward_normalization is not None:
+                reward_key = ("next", self.value_estimator.tensor_keys.reward)
+                task_id = flatten_task_id(tensordict.get(self.tensor_keys.task_id), tensordict.batch_size)
+                target_td.set(reward_key, self.reward_normalization(target_td.get(reward_key), task_id))
             target = self.value_estimator.value_estimate(target_td).squeeze(-1)
+            target = clip_td_target(target, self.td_target_bound)
         with set_routing_mode(RoutingMode.SAMPLE):
             pred = self._critics(
                 tensordict.select(*self.qvalue_network.in_keys, strict=False), self.qvalue_network_params
             )
-        return pred.get(self.tensor_keys.state_action_value).squeeze(-1), target
+        q_pred = pred.get(self.tensor_keys.state_action_value).squeeze(-1)
+        value_head = getattr(self.qvalue_network, "value_head", None)
+        if value_head is None:
+            return q_pred, target, (q_pred - target).pow(2).sum(0)
+        return q_pred, target, value_head.cross_entropy(pred.get(VALUE_LOGITS_KEY), target).sum(0)
 
     def _actor_terms(
         self, tensordict: TensorDictBase

@@ -16,7 +16,9 @@ from torchrl.objectives import SoftUpdate
 from d2r_torchrl.data.replay import make_replay_buffer
 from d2r_torchrl.envs.metaworld import make_env, resolve_tasks
 from d2r_torchrl.modules.actor_critic import make_actor, make_critic
-from d2r_torchrl.objectives.multitask_sac import MultiTaskSACLoss
+from d2r_torchrl.modules.value_heads import HLGaussValue
+from d2r_torchrl.objectives.multitask_sac import REFERENCE_REWARD_SCALE, MultiTaskSACLoss
+from d2r_torchrl.objectives.value_targets import METAWORLD_MAX_REWARD, PerTaskRewardScale, soft_return_bound
 from d2r_torchrl.training import evaluation
 from d2r_torchrl.training.config import ConfigError, RunConfig
 from d2r_torchrl.training.update import UpdateFn, make_sac_optimizers, make_update
@@ -103,8 +105,16 @@ def make_actor_critic(
 ) -> tuple[ProbabilisticActor, torch.nn.Module]:
     observation_dim, action_spec = policy_specs(env)
     kwargs = network_kwargs(config)
-    actor = make_actor(config.network.architecture, observation_dim, action_spec, num_tasks, **kwargs)
-    critic = make_critic(config.network.architecture, observation_dim, action_spec.shape[-1], num_tasks, **kwargs)
+    actor = make_actor(
+        config.network.architecture, observation_dim, action_spec, num_tasks, log_prob=config.network.log_prob, **kwargs
+    )
+    bins = config.network.critic_value_bins
+    bound = return_bound(config, action_spec.shape[-1]) if bins is not None else None
+    critic = make_critic(
+        config.network.architecture, observation_dim, action_spec.shape[-1], num_tasks,
+        value_head=HLGaussValue(-bound, bound, bins) if bins is not None else None,
+        layer_norm=config.network.critic_layer_norm, **kwargs,
+    )
     return actor, critic
 
 
@@ -118,11 +128,42 @@ def make_loss(config: RunConfig, actor, critic, num_tasks: int) -> tuple[MultiTa
         max_alpha=None if config.loss.max_log_alpha is None else math.exp(config.loss.max_log_alpha),
         extreme_loss_threshold=config.loss.extreme_loss_threshold,
         extreme_loss_rule=config.loss.extreme_loss_rule,
-        reward_scale=config.env.reward_scale,
+        # normalised rewards reach at most 1: Meta-World's 10 at the reference scale
+        reward_scale=REFERENCE_REWARD_SCALE if config.loss.reward_normalization else config.env.reward_scale,
         time_limit_terminal=config.loss.time_limit_terminal,
+        **critic_target_options(config, actor, num_tasks),
     )
     loss.make_value_estimator(gamma=config.loss.gamma)
     return loss, SoftUpdate(loss, tau=config.loss.target_update_tau)
+
+
+def return_bound(config: RunConfig, action_dim: int) -> float:
+    """:func:`soft_return_bound` of the run: rewards of at most 1 when normalised, else
+    Meta-World's 10 times ``env.reward_scale``; the capped temperature; infinite-horizon unless
+    time limits are terminal (``loss.time_limit_terminal``), then over ``env.max_episode_steps``."""
+    loss = config.loss
+    return soft_return_bound(
+        1.0 if loss.reward_normalization else METAWORLD_MAX_REWARD * config.env.reward_scale,
+        loss.gamma,
+        max_alpha=math.exp(loss.max_log_alpha),
+        action_dim=action_dim,
+        horizon=config.env.max_episode_steps if loss.time_limit_terminal else None,
+    )
+
+
+def critic_target_options(config: RunConfig, actor: ProbabilisticActor, num_tasks: int) -> dict:
+    """``td_target_bound`` (:func:`return_bound`) and ``reward_normalization`` of
+    :class:`MultiTaskSACLoss` from ``loss.clip_td_target`` and ``loss.reward_normalization``.
+
+    A task's reward scale is floored at ``env.reward_scale`` (a Meta-World reward of 1): a
+    task that has shown only small rewards has them scaled up at most 10 times as much as one
+    that reached Meta-World's largest, 10."""
+    options: dict = {}
+    if config.loss.reward_normalization:
+        options["reward_normalization"] = PerTaskRewardScale(num_tasks, floor=config.env.reward_scale)
+    if config.loss.clip_td_target:
+        options["td_target_bound"] = return_bound(config, actor.spec["action"].shape[-1])
+    return options
 
 
 def make_optimizers(config: RunConfig, loss: MultiTaskSACLoss) -> dict[str, torch.optim.Optimizer]:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from d2r_torchrl.envs.metaworld import EXECUTION_MODES, GOAL_MODES, REWARD_VERSIONS, resolve_tasks
+from d2r_torchrl.modules.distributions import LOG_PROB_FORMS
 from d2r_torchrl.objectives.multitask_sac import EXTREME_LOSS_RULES
 
 ALGORITHMS = ("d2r", "soft_modular", "mt_sac", "mh_sac")
@@ -81,6 +82,13 @@ class NetworkConfig:
     module_width: int = ruled(128, POSITIVE)
     top_k: int = ruled(2, POSITIVE)
     soft_modular_preset: str = choice("shallow", ("shallow", "deep"))
+    # the policy's log-probability: TorchRL's exact TanhNormal or the reference's bounded form
+    log_prob: str = choice("exact", LOG_PROB_FORMS)
+    # a LayerNorm after every hidden Linear of the critics (D2R: encoder and modules)
+    critic_layer_norm: bool = False
+    # none: the critic regresses Q; K: a categorical critic (HL-Gauss, K bins over +- the soft
+    # return bound of loss.clip_td_target's rule) trained by cross-entropy
+    critic_value_bins: typing.Optional[int] = ruled(None, (lambda value: value is None or value >= 2, "must be >= 2 or none"))
 
 
 @dataclass
@@ -97,6 +105,11 @@ class LossConfig:
     critic_lr: float = ruled(3e-4, POSITIVE)
     alpha_lr: float = ruled(1e-4, POSITIVE)
     grad_clip_norm: typing.Optional[float] = 1.0
+    # critic options (off: the reference's loss). clip_td_target: clamp TD targets to the soft
+    # return bound of the rewards, the capped temperature and gamma (objectives/value_targets.py);
+    # reward_normalization: divide each task's rewards by the largest |reward| it has shown
+    clip_td_target: bool = False
+    reward_normalization: bool = False
 
 
 @dataclass
@@ -356,6 +369,12 @@ def validate(config: RunConfig) -> RunConfig:
         f"buffer.kind={config.buffer.kind} needs every task in every collected batch; use collector.kind "
         "'sync' or 'multi_sync' with it.",
     )
+    for key, on in (("loss.clip_td_target", config.loss.clip_td_target), ("network.critic_value_bins", config.network.critic_value_bins)):
+        _require(
+            not (on and config.loss.max_log_alpha is None),
+            f"{key}={on} needs loss.max_log_alpha (a cap on the temperature) to bound the entropy "
+            f"bonus in the return; set a cap or turn {key} off.",
+        )
     warmup_frames = config.collector.warmup_rounds * config.collector.steps_per_task * len(tasks)
     _require(
         config.buffer.capacity > warmup_frames,
