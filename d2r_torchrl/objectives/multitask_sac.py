@@ -12,6 +12,7 @@ from torchrl.objectives import SACLoss
 from torchrl.objectives.sac import compute_rsample_log_prob
 from torchrl.objectives.common import add_random_module
 
+from d2r_torchrl import argument_checks as check
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY, d2r_networks
 from d2r_torchrl.modules.d2r import D2RNetwork, route_temperature_from_log_alpha
 from d2r_torchrl.modules.routing import RoutingMode, route_depth, set_routing_mode
@@ -121,14 +122,13 @@ class MultiTaskSACLoss(SACLoss):
         action_spec=None,
         deactivate_vmap: bool = False,
     ) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
-        if alpha_init <= 0:
-            raise ValueError(f"alpha_init must be positive, got {alpha_init}.")
+        check.positive_int("num_tasks", num_tasks)
+        check.finite("alpha_init", alpha_init, positive=True)
+        check.finite("max_log_alpha", max_log_alpha, optional=True)
+        check.finite("extreme_loss_threshold", extreme_loss_threshold, positive=True, optional=True)
+        check.finite("reward_scale", reward_scale, positive=True)
         if extreme_loss_rule not in EXTREME_LOSS_RULES:
             raise ValueError(f"Unknown extreme_loss_rule {extreme_loss_rule!r}; accepted: {list(EXTREME_LOSS_RULES)}.")
-        if reward_scale <= 0:
-            raise ValueError(f"reward_scale must be positive, got {reward_scale}.")
         super().__init__(
             actor_network,
             qvalue_network,
