@@ -30,7 +30,12 @@ PARTIAL_NAME = f".{CHECKPOINT_NAME}.partial"
 _LEFTOVER_PATTERNS = (f".{CHECKPOINT_NAME}.*", f".{PARTIAL_NAME}.*")
 
 
-GIB = 2**30
+GIB, MIB = 2**30, 2**20
+
+
+def size_text(size: int) -> str:
+    """``"1.50 GiB"``, or ``"12.3 MiB"`` below one GiB."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / MIB:.1f} MiB"
 
 
 class ResumeError(RuntimeError):
@@ -55,10 +60,10 @@ class SaveSize(NamedTuple):
         return 2 * (self.states + self.buffer)
 
     def describe(self) -> str:
-        parts = f"networks and optimisers {self.states / GIB:.2f} GiB"
+        parts = f"networks and optimisers {size_text(self.states)}"
         if self.buffer:
-            parts += f", replay buffer {self.buffer / GIB:.2f} GiB"
-        return f"a checkpoint save needs {self.needed / GIB:.2f} GiB (twice the archive: {parts})"
+            parts += f", replay buffer {size_text(self.buffer)}"
+        return f"a checkpoint save needs {size_text(self.needed)} (twice the archive: {parts})"
 
 
 def state_bytes(components: Iterable[torch.nn.Module | torch.optim.Optimizer]) -> int:
@@ -163,7 +168,7 @@ def _save_failure(error: OSError, run_dir: Path, size: Callable[[], SaveSize] | 
     what = f"Cannot write the checkpoint in {run_dir} ({error.strerror or error})"
     if error.errno == errno.ENOSPC and size is not None:
         free = shutil.disk_usage(run_dir).free
-        what += f": {size().describe()}, {free / GIB:.2f} GiB are free"
+        what += f": {size().describe()}, {size_text(free)} are free"
     return f"{what}; {kept}. Free some space (or set log.root on a larger disk) and resume the run."
 
 

@@ -13,7 +13,7 @@ import torch
 from d2r_torchrl.data.replay import example_transitions, transition_bytes
 from d2r_torchrl.modules.actor_critic import parameter_count
 from d2r_torchrl.training import builders
-from d2r_torchrl.training.checkpointing import GIB, SaveSize
+from d2r_torchrl.training.checkpointing import GIB, SaveSize, size_text
 from d2r_torchrl.training.config import ConfigError, RunConfig
 
 FLOAT_BYTES = 4
@@ -60,7 +60,7 @@ def check_disk(
     if needed > free:
         in_memory_buffer = save_bytes.buffer and not memory_mapped
         raise ConfigError(
-            f"Not enough disk space under {run_dir}: {' and '.join(parts)}; {free / GIB:.2f} GiB are free. Lower "
+            f"Not enough disk space under {run_dir}: {' and '.join(parts)}; {size_text(free)} are free. Lower "
             "buffer.capacity, set log.root on a larger disk"
             + (", or set buffer.in_checkpoint=false to refill the buffer after resuming." if in_memory_buffer else ".")
         )
