@@ -69,7 +69,7 @@ def test_make_env_refuses_arguments_out_of_range(kwargs, message):
         make_env("reach-v3,push-v3", **kwargs)
 
 
-@pytest.mark.parametrize("sizes", [SMALL, dict(num_modules=1, module_width=5), {}])
+@pytest.mark.parametrize("sizes", [SMALL, dict(num_modules=1, module_width=5, top_k=1), {}])
 def test_parameter_count_matches_the_built_network(sizes):
     built = D2RNetwork(43, 3, 1, **sizes)
     assert parameter_count("d2r", 43, 3, 1, **sizes) == sum(p.numel() for p in built.parameters())

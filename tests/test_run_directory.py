@@ -23,6 +23,7 @@ from d2r_torchrl.training.trainer import BUFFER_MARKER, Trainer
 from test_resume import ROOT, STORAGES, small_args, small_config
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+PYTORCH_CHAIN = "compile.native_chain=false"  # runs that train here need no native build
 
 
 def error_line(capsys, args: list[str]) -> str:
@@ -49,13 +50,13 @@ def recipe(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_a_second_process_is_refused_while_a_run_holds_its_directory(tmp_path):
-    holder = Trainer(small_config(tmp_path, "run", STORAGES["memmap"]))
+    holder = Trainer(small_config(tmp_path, "run", STORAGES["memmap"], PYTORCH_CHAIN))
     run_dir = tmp_path / "run"
     (run_dir / "buffer" / "files_of_the_first_run").write_text("in use")
     before = snapshot(run_dir)
     holder_text = f"pid {os.getpid()} on {socket.gethostname()} since "
 
-    started = recipe(small_args(tmp_path, "run", STORAGES["memmap"]))  # a new run of the same name
+    started = recipe(small_args(tmp_path, "run", STORAGES["memmap"], PYTORCH_CHAIN))  # a new run of the same name
     holder.save()
     after_save = snapshot(run_dir)
     resumed = recipe(["--resume", str(run_dir)])
@@ -152,35 +153,35 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_what_a
 
     def save_until_the_disk_is_full(self, path, **kwargs):
         saves.append(path)
-        if len(saves) == 1:
+        if len(saves) < 3:  # rounds 1 and 2 (Adam's moments exist after round 2's updates)
             return save(self, path, **kwargs)
         (Path(path).parent / f".{Path(path).name}.stage-x").mkdir()  # what a save had written so far
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Checkpoint, "save", save_until_the_disk_is_full)
     run_dir = tmp_path / "run"
-    message = error_line(capsys, small_args(tmp_path, "run", "log.checkpoint_interval_rounds=1"))
+    message = error_line(capsys, small_args(tmp_path, "run", "log.checkpoint_interval_rounds=1", PYTORCH_CHAIN))
     assert message.startswith(f"error: Cannot write the checkpoint in {run_dir} (No space left on device): ")
     assert message.endswith(f"the previous checkpoint {run_dir / CHECKPOINT_NAME} is kept. Free some space "
                             "(or set log.root on a larger disk) and resume the run.")
     needed = _parse_size(re.search(r"a checkpoint save needs ([0-9.]+ [GM]iB)", message).group(1))
     archive = (run_dir / CHECKPOINT_NAME).stat().st_size
-    assert 2 * archive <= needed <= 2 * 1.5 * archive  # staged copy and archive, buffer at capacity
-    assert read_metadata(run_dir)["step"] == 20  # the save of round 1
+    assert 2 * archive <= needed <= 2 * 1.1 * archive  # staged copy and archive, buffer at capacity
+    assert read_metadata(run_dir)["step"] == 40  # the save of round 2
     assert not [path.name for path in run_dir.glob(".*") if path.name != LOCK_NAME]  # no leftovers
     monkeypatch.undo()
     assert main("d2r", "MT10", ["--resume", str(run_dir)]) == 0
 
 
 def test_the_space_check_counts_what_a_save_writes(tmp_path, capsys, monkeypatch):
-    Trainer(small_config(tmp_path, "saved", "buffer.in_checkpoint=false")).train()  # Adam's moments exist
+    Trainer(small_config(tmp_path, "saved", "buffer.in_checkpoint=false", PYTORCH_CHAIN)).train()  # Adam's moments exist
     archive = (tmp_path / "saved" / CHECKPOINT_NAME).stat().st_size  # networks and optimisers only
     free = archive  # room for the archive, not for the staged copy as well
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free})())
     message = error_line(capsys, small_args(tmp_path, "run", "buffer.in_checkpoint=false"))
     assert "Not enough disk space" in message and "replay buffer" not in message
     needed = _parse_size(re.search(r"a checkpoint save needs ([0-9.]+ [GM]iB)", message).group(1))
-    assert needed == pytest.approx(2 * archive, rel=0.05)
+    assert 2 * archive <= needed <= 2 * 1.1 * archive  # staged copy and archive
     # the priority trees of a prioritized buffer: two float64 per slot
     message = error_line(capsys, small_args(tmp_path, "run", "buffer.in_checkpoint=false", "buffer.kind=prioritized",
                                            STORAGES["memmap"], "buffer.capacity=1000000"))

@@ -56,8 +56,9 @@ class SaveSize(NamedTuple):
 
     @property
     def needed(self) -> int:
-        """Free disk space a save takes while it runs."""
-        return 2 * (self.states + self.buffer)
+        """Free disk space a save takes while it runs, with a margin for what the tensors
+        leave out (RNG states, manifest, archive headers)."""
+        return 2 * (int(1.02 * (self.states + self.buffer)) + MIB)
 
     def describe(self) -> str:
         parts = f"networks and optimisers {size_text(self.states)}"

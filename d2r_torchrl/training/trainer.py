@@ -133,12 +133,12 @@ class Trainer:
         self.buffer_injected = buffer is not None
         if buffer is None:  # (an empty buffer is falsy)
             buffer = builders.make_buffer(config, self.num_tasks, str(self._buffer_dir), self.device)
-            if is_memory_mapped(buffer):
-                self._mark_buffer_dir()
         self.buffer = buffer
         self.interleave_tasks = task_interleaving(self.buffer)
         self.prioritized = isinstance(self.buffer.sampler, PrioritizedSampler)
         self._check_disk()
+        if is_memory_mapped(self.buffer) and not self.buffer_injected:  # its files go to _buffer_dir
+            self._mark_buffer_dir()
         self.counters = checkpointing.Counters()
         components = {"loss": self.loss, "counters": self.counters}
         components.update({f"optim_{name}": opt for name, opt in self.optimizers.items()})
