@@ -36,13 +36,10 @@ def finite(name: str, value: Any, *, positive: bool = False, optional: bool = Fa
     if value is None and optional:
         return None
     accepted = ("a finite number" + (" > 0" if positive else "")) + (" or None" if optional else "")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {accepted}, got {value!r}.") from None
-    if isinstance(value, bool) or not math.isfinite(number) or (positive and number <= 0):
+    is_number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if not (is_number and math.isfinite(value)) or (positive and value <= 0):
         raise ValueError(f"{name} must be {accepted}, got {value!r}.")
-    return number
+    return float(value)
 
 
 def seed(name: str, value: Any, span: int = 1) -> int:

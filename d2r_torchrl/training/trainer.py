@@ -253,7 +253,8 @@ class Trainer:
 
         ``overrides`` may change only :data:`RESUME_OVERRIDES` (e.g. ``device=cpu`` to continue a
         CUDA run on a CPU machine). The checkpoint must come from the same configuration and
-        code version (checked before anything is built). A run trained with a buffer of its
+        code version and be whole (checked before anything is built or anything in ``run_dir``
+        changes; ``config.json`` is rewritten once it has loaded). A run trained with a buffer of its
         own needs a new one like it (same class, sampler, storage and capacity) as ``buffer``,
         into which the saved transitions are loaded. Without a saved buffer the run refills
         it first and says so.
