@@ -35,7 +35,7 @@ def finite(name: str, value: Any, *, positive: bool = False, optional: bool = Fa
     """A finite real number (``positive``: > 0); ``optional``: None is accepted too."""
     if value is None and optional:
         return None
-    accepted = ("a finite number" + (" > 0" if positive else "")) + (" or None" if optional else "")
+    accepted = ("a finite positive number" if positive else "a finite number") + (" or None" if optional else "")
     is_number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
     if not (is_number and math.isfinite(value)) or (positive and value <= 0):
         raise ValueError(f"{name} must be {accepted}, got {value!r}.")

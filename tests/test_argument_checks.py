@@ -38,12 +38,12 @@ def test_network_builders_refuse_sizes_out_of_range(build, message):
 @pytest.mark.parametrize(
     "argument,value,accepted",
     [
-        ("alpha_init", float("nan"), "a finite number > 0"),
-        ("alpha_init", float("inf"), "a finite number > 0"),
+        ("alpha_init", float("nan"), "a finite positive number"),
+        ("alpha_init", float("inf"), "a finite positive number"),
         ("max_log_alpha", float("nan"), "a finite number or None"),
-        ("extreme_loss_threshold", -1.0, "a finite number > 0 or None"),
-        ("extreme_loss_threshold", float("nan"), "a finite number > 0 or None"),
-        ("reward_scale", float("inf"), "a finite number > 0"),
+        ("extreme_loss_threshold", -1.0, "a finite positive number or None"),
+        ("extreme_loss_threshold", float("nan"), "a finite positive number or None"),
+        ("reward_scale", float("inf"), "a finite positive number"),
         ("num_tasks", 0, "a positive integer"),
     ],
 )
@@ -60,7 +60,7 @@ def test_the_loss_refuses_numbers_out_of_range(argument, value, accepted):
     [
         (dict(seed=-1), r"seed must be an integer in \[0, 4294967294\], got -1"),
         (dict(seed=2**32 - 1), r"seed must be an integer in \[0, 4294967294\]"),  # task 1 would get 2**32
-        (dict(reward_scale=float("nan")), "reward_scale must be a finite number > 0, got nan"),
+        (dict(reward_scale=float("nan")), "reward_scale must be a finite positive number, got nan"),
         (dict(first_task_id=-3), "first_task_id must be an integer >= 0, got -3"),
     ],
 )
