@@ -267,6 +267,10 @@ def test_non_finite_loss_stops_before_any_change(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, "buffer.kind=uniform"))
     trainer.buffer.extend(_transitions_with_nan_reward(trainer))
     before = trainer.loss.actor_network_params.clone()
+    with pytest.raises(NonFiniteLossError, match=f"no checkpoint of this run was saved in {trainer.run_dir} yet") as raised:
+        trainer.update()
+    assert "last good checkpoint" not in str(raised.value)  # there is none
+    trainer.save()
     with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
         trainer.update()
     assert (trainer.loss.actor_network_params == before).all()

@@ -36,6 +36,8 @@ from torchrl.envs import (
 )
 from torchrl.envs.gym_like import BaseInfoDictReader
 
+from d2r_torchrl import argument_checks as check
+
 BENCHMARKS: dict[str, tuple[str, ...]] = {
     "MT10": tuple(MT10_V3),
     "MT50": tuple(ALL_V3_ENVIRONMENTS),
@@ -358,8 +360,9 @@ def make_env(
     _check_choice("reward_function_version", reward_function_version, REWARD_VERSIONS)
     if not isinstance(max_episode_steps, int) or max_episode_steps <= 0:
         raise ValueError(f"max_episode_steps must be a positive integer, got {max_episode_steps!r}.")
-    if reward_scale <= 0:
-        raise ValueError(f"reward_scale must be positive, got {reward_scale!r}.")
+    check.finite("reward_scale", reward_scale, positive=True)
+    check.non_negative_int("first_task_id", first_task_id)
+    check.seed("seed", seed, span=first_task_id + len(tasks))
     task_ids = [first_task_id + i for i in range(len(tasks))]
     gym_kwargs = {
         "goals": goals,

@@ -20,6 +20,7 @@ from torch import nn
 from torchrl.data import TensorSpec
 from torchrl.modules import ProbabilisticActor, TanhNormal
 
+from d2r_torchrl import argument_checks as check
 from d2r_torchrl.modules.baselines import SOFT_MODULAR_PRESETS, MultiTaskMLP, SoftModularNetwork
 from d2r_torchrl.modules.d2r import D2RNetwork
 from d2r_torchrl.modules.distributions import tanh_normal_class
@@ -51,6 +52,8 @@ def make_network(
     ``kwargs`` go to the network class; ``soft_modular`` also accepts
     ``preset="shallow"`` (2x2x256) or ``"deep"`` (4x4x128).
     """
+    for name, value in (("in_features", in_features), ("num_tasks", num_tasks), ("out_features", out_features)):
+        check.positive_int(name, value)
     if architecture == "d2r":
         return D2RNetwork(in_features, num_tasks, out_features, **kwargs)
     if architecture == "soft_modular":
@@ -67,6 +70,18 @@ def make_network(
             in_features, num_tasks, out_features, multi_head=architecture == "mh_sac", **kwargs
         )
     raise ValueError(f"Unknown architecture {architecture!r}; accepted: {list(ARCHITECTURES)}.")
+
+
+def parameter_count(architecture: str, in_features: int, num_tasks: int, out_features: int, **kwargs: Any) -> int:
+    """The number of parameters of :func:`make_network` with these arguments; a D2R network is
+    counted without being built (its size is set by ``num_modules`` and ``module_width``),
+    the baselines, of fixed widths, are built."""
+    if architecture == "d2r":
+        sizes = ("num_modules", "module_width", "encoder_widths", "router_widths")
+        counted = {key: kwargs[key] for key in sizes if key in kwargs}
+        return D2RNetwork.parameter_count(in_features, num_tasks, out_features, **counted)
+    network = make_network(architecture, in_features, num_tasks, out_features, **kwargs)
+    return sum(p.numel() for p in network.parameters())
 
 
 def is_routed(module: nn.Module) -> bool:
@@ -200,6 +215,10 @@ def make_actor(
     """A ``ProbabilisticActor`` with a tanh-squashed Gaussian over ``action_spec``'s box, scored
     by ``log_prob``: ``"exact"`` (TorchRL's ``TanhNormal``) or ``"reference"`` (the authors'
     bounded tanh correction, :class:`~d2r_torchrl.modules.distributions.ReferenceTanhNormal`)."""
+    check.positive_int("observation_dim", observation_dim)
+    check.positive_int("num_tasks", num_tasks)
+    if len(action_spec.shape) == 0 or action_spec.shape[-1] < 1:
+        raise ValueError(f"action_spec must have a last dimension of size >= 1, got shape {tuple(action_spec.shape)}.")
     distribution_class = tanh_normal_class(log_prob)
     action_dim = action_spec.shape[-1]
     network = make_network(architecture, observation_dim, num_tasks, 2 * action_dim, **network_kwargs)
@@ -230,6 +249,8 @@ def make_critic(
     network, e.g. ``layer_norm=True`` (a LayerNorm after every hidden ``Linear``; for D2R
     those of its encoder and modules), which every architecture accepts. With ``value_head``
     the critic is categorical (see :class:`QValue`)."""
+    for name, value in (("observation_dim", observation_dim), ("action_dim", action_dim), ("num_tasks", num_tasks)):
+        check.positive_int(name, value)
     outputs = 1 if value_head is None else value_head.num_bins
     network = make_network(architecture, observation_dim + action_dim, num_tasks, outputs, **network_kwargs)
     return QValue(network, value_head)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from d2r_torchrl import argument_checks as check
 from d2r_torchrl.modules.init import hidden_linear, init_hidden, layer_norm_or_identity, mlp, output_linear, reset_linear_layers
 from d2r_torchrl.modules.task_conditioning import TaskEmbedding, check_features, flatten_task_id
 
@@ -30,6 +31,8 @@ class MultiTaskMLP(nn.Module):
         layer_norm: bool = False,
     ) -> None:
         super().__init__()
+        _check_sizes(in_features, num_tasks, out_features)
+        hidden_widths = check.widths("hidden_widths", hidden_widths)
         self.in_features = in_features
         self.num_tasks = num_tasks
         self.out_features = out_features
@@ -88,6 +91,10 @@ class SoftModularNetwork(nn.Module):
                 f"Soft Modularization needs num_layers >= 2 and num_modules >= 1, "
                 f"got {num_layers} and {num_modules}."
             )
+        _check_sizes(in_features, num_tasks, out_features)
+        check.positive_int("module_width", module_width)
+        encoder_widths = check.widths("encoder_widths", encoder_widths)
+        gating_widths = check.widths("gating_widths", gating_widths)
         self.in_features = in_features
         self.num_tasks = num_tasks
         self.num_layers = num_layers
@@ -158,3 +165,8 @@ SOFT_MODULAR_PRESETS = {
     "shallow": dict(num_layers=2, num_modules=2, module_width=256),
     "deep": dict(num_layers=4, num_modules=4, module_width=128),
 }
+
+
+def _check_sizes(in_features: int, num_tasks: int, out_features: int) -> None:
+    for name, value in (("in_features", in_features), ("num_tasks", num_tasks), ("out_features", out_features)):
+        check.positive_int(name, value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from d2r_torchrl import argument_checks as check
 from d2r_torchrl.modules.d2r_spec import dense_routes, module_chain
 from d2r_torchrl.modules.init import (
     hidden_linear,
@@ -76,8 +77,17 @@ class D2RNetwork(nn.Module):
         layer_norm: bool = False,
     ) -> None:
         super().__init__()
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
+        for name, value in (
+            ("in_features", in_features),
+            ("num_tasks", num_tasks),
+            ("out_features", out_features),
+            ("num_modules", num_modules),
+            ("module_width", module_width),
+            ("top_k", top_k),
+        ):
+            check.positive_int(name, value)
+        encoder_widths = check.widths("encoder_widths", encoder_widths)
+        router_widths = check.widths("router_widths", router_widths)
         self.in_features = in_features
         self.num_tasks = num_tasks
         self.res_routing = res_routing
@@ -103,6 +113,34 @@ class D2RNetwork(nn.Module):
         self.head = output_linear(module_width, out_features)
         self.register_buffer("route_temperature", torch.ones(num_tasks))
         self.register_load_state_dict_pre_hook(_stack_per_module_keys)
+
+    @staticmethod
+    def parameter_count(
+        in_features: int,
+        num_tasks: int,
+        out_features: int,
+        *,
+        num_modules: int = 16,
+        module_width: int = 128,
+        encoder_widths: tuple[int, ...] = (400, 400),
+        router_widths: tuple[int, ...] = (256, 256),
+    ) -> int:
+        """The number of parameters of the network these arguments build, without building it
+        (``test_parameter_count_matches_the_built_network``)."""
+
+        def layers(widths: tuple[int, ...]) -> int:  # Linear layers between consecutive widths
+            return sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(widths[:-1], widths[1:]))
+
+        embed_width = encoder_widths[-1]
+        num_logits = num_modules * (num_modules + 1) // 2
+        return (
+            layers((in_features, *encoder_widths))
+            + layers((num_tasks, embed_width))
+            + layers((embed_width, *router_widths, num_logits))
+            + layers((embed_width, module_width))
+            + (num_modules - 1) * layers((module_width, module_width))
+            + layers((module_width, out_features))
+        )
 
     @property
     def num_modules(self) -> int:

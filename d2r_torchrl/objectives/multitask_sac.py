@@ -16,6 +16,7 @@ from torchrl.objectives import SACLoss
 from torchrl.objectives.sac import compute_rsample_log_prob
 from torchrl.objectives.common import add_random_module
 
+from d2r_torchrl import argument_checks as check
 from d2r_torchrl.modules.actor_critic import (
     ROUTE_KEY,
     TASK_KEY,
@@ -172,10 +173,21 @@ class MultiTaskSACLoss(SACLoss):
         td_target_bound: float | None = None,
         reward_normalization: PerTaskRewardScale | None = None,
     ) -> None:
-        _check_arguments(num_tasks, alpha_init, min_alpha, max_alpha, target_entropy, reduction,
-                         extreme_loss_threshold, extreme_loss_rule, reward_scale)
-        if td_target_bound is not None and not td_target_bound > 0:
-            raise ValueError(f"td_target_bound must be positive or None, got {td_target_bound}.")
+        check.positive_int("num_tasks", num_tasks)
+        check.finite("alpha_init", alpha_init, positive=True)
+        check.finite("min_alpha", min_alpha, positive=True, optional=True)
+        check.finite("max_alpha", max_alpha, positive=True, optional=True)
+        if min_alpha is not None and max_alpha is not None and min_alpha > max_alpha:
+            raise ValueError(f"min_alpha {min_alpha} is above max_alpha {max_alpha}.")
+        if target_entropy != "auto":
+            check.finite("target_entropy", target_entropy)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"Unknown reduction {reduction!r}; accepted: {list(REDUCTIONS)}.")
+        check.finite("extreme_loss_threshold", extreme_loss_threshold, positive=True, optional=True)
+        check.finite("reward_scale", reward_scale, positive=True)
+        check.finite("td_target_bound", td_target_bound, positive=True, optional=True)
+        if extreme_loss_rule not in EXTREME_LOSS_RULES:
+            raise ValueError(f"Unknown extreme_loss_rule {extreme_loss_rule!r}; accepted: {list(EXTREME_LOSS_RULES)}.")
         if reward_normalization is not None and not isinstance(reward_normalization, PerTaskRewardScale):
             raise TypeError(
                 f"reward_normalization must be a PerTaskRewardScale or None, got {type(reward_normalization).__name__}."
@@ -470,43 +482,6 @@ class MultiTaskSACLoss(SACLoss):
         if route is not None:
             route = self.route_layout.pad(route, fill=False)
         return log_prob, min_q, route
-
-
-def _check_arguments(
-    num_tasks: int,
-    alpha_init: float,
-    min_alpha: float | None,
-    max_alpha: float | None,
-    target_entropy: str | float,
-    reduction: str,
-    extreme_loss_threshold: float | None,
-    extreme_loss_rule: str,
-    reward_scale: float,
-) -> None:
-    """Raise ``ValueError`` naming the first argument of :class:`MultiTaskSACLoss` out of range."""
-    def positive(name: str, value: float | None, optional: bool = False) -> None:
-        if optional and value is None:
-            return
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0{' or None' if optional else ''}, got {value!r}.")
-
-    if not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}.")
-    positive("alpha_init", alpha_init)
-    positive("min_alpha", min_alpha, optional=True)
-    positive("max_alpha", max_alpha, optional=True)
-    if min_alpha is not None and max_alpha is not None and min_alpha > max_alpha:
-        raise ValueError(f"min_alpha {min_alpha} is above max_alpha {max_alpha}.")
-    if target_entropy != "auto" and (
-        not isinstance(target_entropy, (int, float)) or not math.isfinite(target_entropy)
-    ):
-        raise ValueError(f"target_entropy must be 'auto' or a finite number, got {target_entropy!r}.")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"Unknown reduction {reduction!r}; accepted: {list(REDUCTIONS)}.")
-    positive("extreme_loss_threshold", extreme_loss_threshold, optional=True)
-    if extreme_loss_rule not in EXTREME_LOSS_RULES:
-        raise ValueError(f"Unknown extreme_loss_rule {extreme_loss_rule!r}; accepted: {list(EXTREME_LOSS_RULES)}.")
-    positive("reward_scale", reward_scale)
 
 
 _LIVE_LOSSES: "weakref.WeakSet[MultiTaskSACLoss]" = weakref.WeakSet()

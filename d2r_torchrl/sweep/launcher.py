@@ -21,6 +21,7 @@ from d2r_torchrl.sweep.plan import SweepRun, config_mismatch, read_record, write
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME
 from d2r_torchrl.training.config import ConfigError, RunConfig, resume_overrides
 from d2r_torchrl.training.ray_collector import require_ray
+from d2r_torchrl.training.run_lock import RunInUseError, RunLock
 
 
 @dataclass
@@ -44,22 +45,24 @@ def train_run(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     from d2r_torchrl.training.trainer import Trainer
 
     path = Path(run_dir)
-    record = read_record(path)
-    write_record(path, {**record, "status": "running", "pid": os.getpid(), "host": socket.gethostname()})
-    started = time.perf_counter()
-    if (path / CHECKPOINT_NAME).exists():  # the plan's budget, device and compile settings apply
-        trainer = Trainer.resume(path, resume_overrides(RunConfig.from_dict(config)))
-        record["resumed_from_frames"] = [*record.get("resumed_from_frames", []), trainer.counters.frames]
-    else:
-        trainer = Trainer(RunConfig.from_dict(config), path)
-    trainer.train()
-    record.update(
-        status="interrupted" if trainer.interrupted else "done",
-        error="",
-        seconds=record.get("seconds", 0.0) + time.perf_counter() - started,
-        **trainer.counters.state_dict(),
-    )
-    write_record(path, record)
+    path.mkdir(parents=True, exist_ok=True)
+    with RunLock(path):  # the trainer shares this process's lock; sweep.json is written under it
+        record = read_record(path)
+        write_record(path, {**record, "status": "running", "pid": os.getpid(), "host": socket.gethostname()})
+        started = time.perf_counter()
+        if (path / CHECKPOINT_NAME).exists():  # the plan's budget, device and compile settings apply
+            trainer = Trainer.resume(path, resume_overrides(RunConfig.from_dict(config)))
+            record["resumed_from_frames"] = [*record.get("resumed_from_frames", []), trainer.counters.frames]
+        else:
+            trainer = Trainer(RunConfig.from_dict(config), path)
+        trainer.train()
+        record.update(
+            status="interrupted" if trainer.interrupted else "done",
+            error="",
+            seconds=record.get("seconds", 0.0) + time.perf_counter() - started,
+            **trainer.counters.state_dict(),
+        )
+        write_record(path, record)
     return record
 
 
@@ -95,7 +98,11 @@ def _prepare(run: SweepRun) -> RunResult | None:
     if record["status"] == "done" and record.get("frames", 0) >= planned_frames:
         return RunResult(run, "skipped", record=record)
     if run.run_dir.exists() and not (run.run_dir / CHECKPOINT_NAME).exists():
-        shutil.rmtree(run.run_dir)
+        try:
+            with RunLock(run.run_dir):  # not under a run another process is training
+                shutil.rmtree(run.run_dir)
+        except RunInUseError as error:
+            return RunResult(run, "failed", str(error), record)
     return None
 
 

@@ -8,16 +8,19 @@ over ``run_dir/checkpoint`` in one step. Empty replay buffers are left out.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import zipfile
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple
 
 import torch
 from torchrl.checkpoint import Checkpoint, CheckpointError, GlobalRNGState
 from torchrl.data import ReplayBuffer
+from torchrl.data.replay_buffers.samplers import PrioritizedSampler
 
-from d2r_torchrl.data.replay import fsync_path
+from d2r_torchrl.data.replay import fsync_path, is_memory_mapped
 from d2r_torchrl.training.config import RESUME_OVERRIDES, differences
 
 CHECKPOINT_NAME = "checkpoint"
@@ -27,8 +30,64 @@ PARTIAL_NAME = f".{CHECKPOINT_NAME}.partial"
 _LEFTOVER_PATTERNS = (f".{CHECKPOINT_NAME}.*", f".{PARTIAL_NAME}.*")
 
 
+GIB, MIB = 2**30, 2**20
+
+
+def size_text(size: int) -> str:
+    """``"1.50 GiB"``, or ``"12.3 MiB"`` below one GiB."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / MIB:.1f} MiB"
+
+
 class ResumeError(RuntimeError):
     """A run directory cannot be resumed (missing, corrupt or incompatible checkpoint)."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; the previous one, if any, is kept."""
+
+
+class SaveSize(NamedTuple):
+    """Bytes of one checkpoint archive: ``states`` (networks, targets, temperatures, optimiser
+    states) and ``buffer`` (the replay buffer's transitions when held in memory, its
+    priority trees). A save writes the archive twice: a staged copy, then the archive."""
+
+    states: int
+    buffer: int
+
+    @property
+    def needed(self) -> int:
+        """Free disk space a save takes while it runs, with a margin for what the tensors
+        leave out (RNG states, manifest, archive headers)."""
+        return 2 * (int(1.02 * (self.states + self.buffer)) + MIB)
+
+    def describe(self) -> str:
+        parts = f"networks and optimisers {size_text(self.states)}"
+        if self.buffer:
+            parts += f", replay buffer {size_text(self.buffer)}"
+        return f"a checkpoint save needs {size_text(self.needed)} (twice the archive: {parts})"
+
+
+def state_bytes(components: Iterable[torch.nn.Module | torch.optim.Optimizer]) -> int:
+    """Bytes of the state of modules (their state dicts) and Adam optimisers (two moments per
+    parameter, also before the first step)."""
+    total = 0
+    for component in components:
+        if isinstance(component, torch.optim.Optimizer):
+            params = [p for group in component.param_groups for p in group["params"]]
+            total += 2 * sum(p.numel() * p.element_size() for p in params)
+        else:
+            total += sum(t.numel() * t.element_size() for t in component.state_dict().values())
+    return total
+
+
+def buffer_bytes(buffer: ReplayBuffer, bytes_per_transition: int) -> int:
+    """Bytes a checkpoint holds for ``buffer`` when full: its transitions when held in memory
+    (memory-mapped files stay in place) and a prioritized sampler's sum and min trees (one
+    float64 each per slot)."""
+    capacity = buffer.storage.max_size
+    stored = 0 if is_memory_mapped(buffer) else capacity * bytes_per_transition
+    trees = 2 * 8 * capacity if isinstance(buffer.sampler, PrioritizedSampler) else 0
+    return stored + trees
 
 
 class Counters:
@@ -82,21 +141,56 @@ def remove_leftovers(run_dir: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def save(checkpoint: Checkpoint, run_dir: Path, metadata: dict[str, Any]) -> Path:
+def save(
+    checkpoint: Checkpoint, run_dir: Path, metadata: dict[str, Any], size: Callable[[], SaveSize] | None = None
+) -> Path:
     """Write ``run_dir/checkpoint`` atomically: a crash at any moment leaves either the previous
-    checkpoint or the new one, both whole. Empty replay buffers are not saved."""
+    checkpoint or the new one, both whole. Empty replay buffers are not saved. An ``OSError``
+    (a full disk) removes what the save wrote and raises :class:`SaveError`, which says what
+    a save needs (``size()``) when the disk is full."""
     remove_leftovers(run_dir)
     selected = [
         name
         for name, value in checkpoint.components.items()
         if not (isinstance(value, ReplayBuffer) and len(value) == 0)
     ]
-    partial = checkpoint.save(run_dir / PARTIAL_NAME, components=selected, metadata=metadata)
-    fsync_path(partial)
     destination = run_dir / CHECKPOINT_NAME
-    os.replace(partial, destination)
-    fsync_path(run_dir)
+    try:
+        partial = checkpoint.save(run_dir / PARTIAL_NAME, components=selected, metadata=metadata)
+        fsync_path(partial)
+        os.replace(partial, destination)
+        fsync_path(run_dir)
+    except OSError as error:
+        remove_leftovers(run_dir)
+        raise SaveError(_save_failure(error, run_dir, size)) from error
     return destination
+
+
+def _save_failure(error: OSError, run_dir: Path, size: Callable[[], SaveSize] | None) -> str:
+    previous = run_dir / CHECKPOINT_NAME
+    kept = f"the previous checkpoint {previous} is kept" if previous.exists() else "no checkpoint was saved yet"
+    what = f"Cannot write the checkpoint in {run_dir} ({error.strerror or error})"
+    if error.errno == errno.ENOSPC and size is not None:
+        free = shutil.disk_usage(run_dir).free
+        what += f": {size().describe()}, {size_text(free)} are free"
+    return f"{what}; {kept}. Free some space (or set log.root on a larger disk) and resume the run."
+
+
+def verify(run_dir: Path) -> None:
+    """Read every member of ``run_dir/checkpoint`` and check its CRC; raises
+    :class:`ResumeError` for a damaged archive. Reads only."""
+    path = run_dir / CHECKPOINT_NAME
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+        damage = None if bad_member is None else f"its member {bad_member} fails the CRC check"
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as error:
+        damage = f"{type(error).__name__}: {error}"
+    if damage is not None:
+        raise ResumeError(
+            f"Checkpoint {path} is damaged ({damage}); nothing in {run_dir} was changed. Restore a good copy "
+            "or start a new run."
+        )
 
 
 def read_metadata(run_dir: Path) -> dict[str, Any]:
@@ -148,7 +242,7 @@ def load(checkpoint: Checkpoint, run_dir: Path, map_location: Any = None) -> Col
             if name in saved or not isinstance(value, ReplayBuffer)
         ]
         return checkpoint.load(path, components=requested, map_location=map_location).loaded
-    except (CheckpointError, RuntimeError, KeyError, ValueError, OSError, EOFError) as error:
+    except (CheckpointError, RuntimeError, KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise ResumeError(
             f"Checkpoint {path} is corrupt or does not match this configuration ({type(error).__name__}: "
             f"{_shorten(str(error))}). It was left untouched; start a new run or restore a good copy."

@@ -1,6 +1,7 @@
 """Command line shared by the recipes: ``[--resume RUN_DIR] [key=value ...]``.
 
-Exit status: 0 when the run finished, 2 for a configuration or checkpoint error (one
+Exit status: 0 when the run finished, 2 for a configuration or checkpoint error, a run
+directory in use by another process or a checkpoint that could not be written (one
 ``error: ...`` line), 130 / 143 when SIGINT / SIGTERM stopped it (after saving).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from d2r_torchrl._extension import MissingExtensionError
-from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError
+from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError, SaveError
 from d2r_torchrl.training.config import (
     RESUME_OVERRIDES,
     ConfigError,
@@ -23,6 +24,7 @@ from d2r_torchrl.training.config import (
     preset,
     validate,
 )
+from d2r_torchrl.training.run_lock import RunInUseError
 from d2r_torchrl.training.signals import exit_code, signal_name
 from d2r_torchrl.training.trainer import NonFiniteLossError, Trainer
 
@@ -63,7 +65,7 @@ def main(algorithm: str, benchmark: str, argv: Sequence[str] | None = None) -> i
         trainer = Trainer.resume(command.resume, command.overrides) if command.resume else Trainer(command.config)
         print(f"run directory: {trainer.run_dir}", flush=True)
         trainer.train()
-    except (ConfigError, ResumeError, NonFiniteLossError, MissingExtensionError) as error:
+    except (ConfigError, ResumeError, SaveError, RunInUseError, NonFiniteLossError, MissingExtensionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,16 +3,19 @@ dotted overrides and the project's rules on values.
 
 Override any field from the command line as ``section.field=value``
 (``loss.gamma=0.98``, ``env.benchmark=MT50``, ``loss.max_log_alpha=none``); OmegaConf checks
-keys and types, :func:`validate` the choices, ranges and rules between fields.
+keys and types, :func:`validate` the choices, ranges and rules between fields. Every number
+read as a float must be finite (``nan`` and ``inf`` are refused everywhere).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
@@ -52,6 +55,11 @@ NON_NEGATIVE = (lambda value: value >= 0, "must be >= 0")
 UNIT_INTERVAL = (lambda value: 0 <= value <= 1, "must be in [0, 1]")
 RATE = (lambda value: 0 < value <= 1, "must be in (0, 1]")
 ONE_OR_MORE = (lambda value: value is None or value >= 1, "must be >= 1 or none")
+POSITIVE_OR_NONE = (lambda value: value is None or value > 0, "must be positive or none")
+# NumPy takes seeds in [0, 2**32); the envs add the task index and, on resuming with random
+# goals, the rounds done to the run's seed.
+MAX_SEED = 2**31 - 1
+SEED = (lambda value: 0 <= value <= MAX_SEED, f"must be in [0, {MAX_SEED}]")
 
 
 def ruled(default: Any, rule: tuple, **metadata: Any) -> Any:
@@ -97,14 +105,14 @@ class LossConfig:
     loss_balancing: bool = True
     alpha_init: float = ruled(1.0, POSITIVE)
     max_log_alpha: typing.Optional[float] = 0.0
-    extreme_loss_threshold: typing.Optional[float] = 3000.0
+    extreme_loss_threshold: typing.Optional[float] = ruled(3000.0, POSITIVE_OR_NONE)
     extreme_loss_rule: str = choice("clip", EXTREME_LOSS_RULES)
     time_limit_terminal: bool = False
     target_update_tau: float = ruled(0.005, RATE)
     actor_lr: float = ruled(3e-4, POSITIVE)
     critic_lr: float = ruled(3e-4, POSITIVE)
     alpha_lr: float = ruled(1e-4, POSITIVE)
-    grad_clip_norm: typing.Optional[float] = 1.0
+    grad_clip_norm: typing.Optional[float] = ruled(1.0, POSITIVE_OR_NONE)
     # critic options (off: the reference's loss). clip_td_target: clamp TD targets to the soft
     # return bound of the rewards, the capped temperature and gamma (objectives/value_targets.py);
     # reward_normalization: divide each task's rewards by the largest |reward| it has shown
@@ -128,7 +136,7 @@ class BufferConfig:
     kind: str = choice("stratified", BUFFERS)  # the reference's sampler: uniform within each task
     capacity: int = ruled(1_000_000, POSITIVE)
     batch_size_per_task: int = ruled(128, POSITIVE)
-    memmap_above: int = 2_000_000
+    memmap_above: int = ruled(2_000_000, NON_NEGATIVE)
     priority_alpha: float = ruled(0.6, UNIT_INTERVAL)
     # the importance-sampling exponent, annealed linearly from priority_beta to
     # priority_beta_final over the frames after the warm-up
@@ -175,7 +183,7 @@ class CompileConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    seed: int = ruled(0, SEED)
     device: str = "auto"
     env: EnvConfig = field(default_factory=EnvConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -322,16 +330,39 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _broken_rules(config: Any, prefix: str = "") -> list[str]:
-    """``"key=value rule"`` for every field of ``config`` (recursively) whose value breaks
-    the rule in its metadata."""
+    """``"key=value rule"`` for every field of ``config`` (recursively) whose value is a
+    non-finite float or breaks the rule in its metadata."""
     broken = []
     for item in dataclasses.fields(config):
         value, key = getattr(config, item.name), f"{prefix}{item.name}"
         if dataclasses.is_dataclass(value):
             broken.extend(_broken_rules(value, f"{key}."))
+        elif isinstance(value, float) and not math.isfinite(value):
+            broken.append(f"{key}={value!r} must be a finite number")
         elif "rule" in item.metadata and not item.metadata["rule"][0](value):
             broken.append(f"{key}={value!r} {item.metadata['rule'][1]}")
     return broken
+
+
+def _check_device(name: str) -> None:
+    """``auto``, ``cpu`` or ``cuda[:N]``, parsed as torch does (whether the device exists is
+    checked by :func:`~d2r_torchrl.training.builders.resolve_device`)."""
+    refused = ConfigError(f"Invalid device={name!r}; accepted: auto, cpu, cuda or cuda:N (N >= 0).")
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise refused from None
+    if device.type not in ("cpu", "cuda"):
+        raise refused
+
+
+def _check_compile_backend(backend: str) -> None:
+    from torch._dynamo import list_backends
+
+    known = list_backends(exclude_tags=())
+    _require(backend in known, f"compile.backend={backend!r} is not a torch.compile backend; accepted: {', '.join(known)}.")
 
 
 def validate(config: RunConfig) -> RunConfig:
@@ -342,10 +373,9 @@ def validate(config: RunConfig) -> RunConfig:
         tasks = resolve_tasks(config.env.benchmark)
     except ValueError as error:
         raise ConfigError(f"env.benchmark: {error}") from None
-    _require(
-        config.device.split(":")[0] in ("auto", "cpu", "cuda"),
-        f"Invalid device={config.device!r}; accepted: auto, cpu, cuda or cuda:N.",
-    )
+    _check_device(config.device)
+    if config.compile.enabled:
+        _check_compile_backend(config.compile.backend)
     if config.collector.kind == "ray":
         from d2r_torchrl.training.ray_collector import require_ray
 

@@ -33,6 +33,7 @@ from d2r_torchrl.training.components import check_batch, check_buffer, check_col
 from d2r_torchrl.training.config import RESUME_OVERRIDES, ConfigError, RunConfig, apply_overrides, validate
 from d2r_torchrl.training.evaluation import evaluate
 from d2r_torchrl.training.progress import RunProgress
+from d2r_torchrl.training.run_lock import RunLock
 from d2r_torchrl.training.update import NonFiniteLossError, check_finite
 
 
@@ -55,6 +56,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# Written in the ``buffer`` folder of a run when it creates it: the only kind of ``buffer`` folder a
+# new run in an existing directory may delete.
+BUFFER_MARKER = ".d2r-torchrl-buffer"
 
 
 def _crossed(before: int, after: int, interval: int) -> bool:
@@ -81,9 +87,16 @@ class Trainer:
     counters, buffer) provided every stop falls where all episodes have just ended, i.e.
     ``collector.steps_per_task`` is a multiple of ``env.max_episode_steps``: the simulator
     state of unfinished episodes is not saved, a resumed run starts new ones.
+
+    One process per run directory: the trainer holds the directory's lock
+    (:class:`~d2r_torchrl.training.run_lock.RunLock`) from its construction to the end of
+    :meth:`train` (:meth:`save` and :meth:`train` take it again, :meth:`close` gives it up);
+    another process is refused.
     """
 
-    def __init__(self, config: RunConfig, run_dir: Path | None = None, *, buffer: ReplayBuffer | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, run_dir: Path | None = None, *, buffer: ReplayBuffer | None = None, _resuming: bool = False
+    ) -> None:
         self.config = validate(config)
         self.device = builders.resolve_device(config.device)
         seed_everything(config.seed)
@@ -91,9 +104,25 @@ class Trainer:
         self.num_tasks = len(self.tasks)
         if buffer is not None:
             check_buffer(buffer, self.num_tasks, self._warmup_frames(), MultiTaskSACLoss.default_keys.priority)
-        self.run_dir = run_dir or self._new_run_dir()
-        preflight.check_writable(self.run_dir)
         self.eval_envs = builders.make_eval_envs(config, self.tasks)
+        preflight.check_memory(config, *self._policy_dims(), self.num_tasks, self.device, buffer_given=buffer is not None)
+        self.run_dir = Path(run_dir) if run_dir is not None else self._new_run_dir()
+        preflight.check_writable(self.run_dir)
+        self._run_lock = RunLock(self.run_dir)
+        self._run_lock.acquire()  # before anything in the directory is written or deleted
+        try:
+            self._build(buffer, _resuming)
+        except BaseException:
+            self._run_lock.release()
+            raise
+
+    def _build(self, buffer: ReplayBuffer | None, resuming: bool) -> None:
+        """Everything of :meth:`__init__` that reads or writes the (locked) run directory."""
+        config = self.config
+        if resuming:
+            checkpointing.remove_leftovers(self.run_dir)
+        else:
+            self._check_new_run_dir()
         actor, critic = builders.make_actor_critic(config, self.eval_envs, self.num_tasks)
         self.actor = actor.to(self.device)
         self.loss, self.target_updater = builders.make_loss(config, self.actor, critic.to(self.device), self.num_tasks)
@@ -103,10 +132,12 @@ class Trainer:
         self.num_route_logits = num_route_logits(self.actor)
         self.buffer_injected = buffer is not None
         if buffer is None:  # (an empty buffer is falsy)
-            buffer = builders.make_buffer(config, self.num_tasks, str(self.run_dir / "buffer"), self.device)
+            buffer = builders.make_buffer(config, self.num_tasks, str(self._buffer_dir), self.device)
         self.buffer = buffer
         self.prioritized = isinstance(self.buffer.sampler, PrioritizedSampler)
         self._check_disk()
+        if is_memory_mapped(self.buffer) and not self.buffer_injected:  # its files go to _buffer_dir
+            self._mark_buffer_dir()
         self.counters = checkpointing.Counters()
         components = {"loss": self.loss, "counters": self.counters}
         components.update({f"optim_{name}": opt for name, opt in self.optimizers.items()})
@@ -119,18 +150,59 @@ class Trainer:
         self._saved_counters: dict[str, int] | None = None
         self._batch_checked = False
         self._timed = _phase_totals()  # timeit's totals at the last log
-        (self.run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        if not resuming:  # a resumed run rewrites it once its checkpoint has loaded
+            self._write_config()
+
+    def _write_config(self) -> None:
+        (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
 
     def _new_run_dir(self) -> Path:
+        """``log.root/log.name``, or, without a name, a new directory
+        ``<architecture>_<benchmark>_<date>-<time>[-<n>]`` created here: ``mkdir`` is atomic,
+        so runs launched in the same second (a job array) get distinct directories."""
+        root = Path(self.config.log.root)
+        if self.config.log.name:
+            return root / self.config.log.name
+        preflight.check_writable(root)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        name = self.config.log.name or f"{self.config.network.architecture}_{self.config.env.benchmark}_{stamp}"
-        run_dir = Path(self.config.log.root) / name
-        if (run_dir / checkpointing.CHECKPOINT_NAME).exists():
+        base = f"{self.config.network.architecture}_{self.config.env.benchmark}_{stamp}"
+        run_dir, attempt = root / base, 1
+        while True:
+            try:
+                run_dir.mkdir()
+                return run_dir
+            except FileExistsError:
+                attempt += 1
+                run_dir = root / f"{base}-{attempt}"
+
+    def _check_new_run_dir(self) -> None:
+        """A new run may use an existing directory without a checkpoint; it deletes only the
+        ``buffer`` folder an earlier run of this project left there (it holds
+        :data:`BUFFER_MARKER`) and refuses any other."""
+        if (self.run_dir / checkpointing.CHECKPOINT_NAME).exists():
             raise ConfigError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another log.name."
+                f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir} or choose another log.name."
             )
-        shutil.rmtree(run_dir / "buffer", ignore_errors=True)  # from a run that never saved a checkpoint
-        return run_dir
+        if self._buffer_dir.exists():
+            if not (self._buffer_dir / BUFFER_MARKER).exists():
+                raise ConfigError(
+                    f"{self._buffer_dir} exists and was not written by a d2r-torchrl run; move it away or choose "
+                    "another log.name (a new run deletes only the buffer folder of an earlier run)."
+                )
+            shutil.rmtree(self._buffer_dir)
+
+    @property
+    def _buffer_dir(self) -> Path:
+        """Where the configured memory-mapped replay buffer keeps its files."""
+        return self.run_dir / "buffer"
+
+    def _mark_buffer_dir(self) -> None:
+        self._buffer_dir.mkdir(parents=True, exist_ok=True)
+        (self._buffer_dir / BUFFER_MARKER).touch()
+
+    def close(self) -> None:
+        """Give up the run directory's lock (:meth:`train` does at its end)."""
+        self._run_lock.release()
 
     @property
     def _frames_per_round(self) -> int:
@@ -139,16 +211,38 @@ class Trainer:
     def _warmup_frames(self) -> int:
         return self.config.collector.warmup_rounds * self._frames_per_round
 
-    def _check_disk(self) -> None:
+    def _policy_dims(self) -> tuple[int, int]:
+        """``(observation size, action size)`` of the tasks."""
         observation_dim, action_spec = builders.policy_specs(self.eval_envs)
-        example = example_transitions(self.num_tasks, observation_dim, action_spec.shape[-1], self.num_route_logits)
+        return observation_dim, action_spec.shape[-1]
+
+    def _transition_bytes(self) -> int:
+        example = example_transitions(self.num_tasks, *self._policy_dims(), self.num_route_logits)
         kind = self.config.buffer.kind if not self.buffer_injected else "prioritized" if self.prioritized else "uniform"
-        preflight.check_disk_for_buffer(
+        return transition_bytes(kind, example, self.num_tasks)
+
+    def _check_disk(self) -> None:
+        """Room for the memory-mapped buffer's files and for a checkpoint save (see
+        :func:`preflight.check_disk`)."""
+        per_transition = self._transition_bytes()
+        in_checkpoint = self.config.buffer.in_checkpoint or is_memory_mapped(self.buffer)
+        preflight.check_disk(
             self.run_dir,
-            self.buffer.storage.max_size,
-            transition_bytes(kind, example, self.num_tasks),
+            capacity=self.buffer.storage.max_size,
+            bytes_per_transition=per_transition,
             memory_mapped=is_memory_mapped(self.buffer),
-            in_checkpoint=self.config.buffer.in_checkpoint,
+            save_bytes=self._save_bytes(per_transition if in_checkpoint else None),
+        )
+
+    def _save_bytes(self, bytes_per_transition: int | None) -> checkpointing.SaveSize:
+        """What a checkpoint save writes: the networks and optimiser states, and the replay
+        buffer (its transitions when in memory, its priority trees) when
+        ``bytes_per_transition`` is given (the buffer goes into checkpoints)."""
+        modules = [self.loss, *self.optimizers.values()]
+        if bytes_per_transition is None:
+            return checkpointing.SaveSize(checkpointing.state_bytes(modules), 0)
+        return checkpointing.SaveSize(
+            checkpointing.state_bytes(modules), checkpointing.buffer_bytes(self.buffer, bytes_per_transition)
         )
 
     @classmethod
@@ -159,7 +253,8 @@ class Trainer:
 
         ``overrides`` may change only :data:`RESUME_OVERRIDES` (e.g. ``device=cpu`` to continue a
         CUDA run on a CPU machine). The checkpoint must come from the same configuration and
-        code version (checked before anything is built). A run trained with a buffer of its
+        code version and be whole (checked before anything is built or anything in ``run_dir``
+        changes; ``config.json`` is rewritten once it has loaded). A run trained with a buffer of its
         own needs a new one like it (same class, sampler, storage and capacity) as ``buffer``,
         into which the saved transitions are loaded. Without a saved buffer the run refills
         it first and says so.
@@ -174,12 +269,17 @@ class Trainer:
         metadata = checkpointing.read_metadata(run_dir)
         checkpointing.check_belongs(run_dir, metadata, config.to_dict(), d2r_torchrl.__version__)
         _check_same_buffer(run_dir, metadata.get("buffer"), buffer)
-        checkpointing.remove_leftovers(run_dir)
-        trainer = cls(apply_overrides(config, overrides), run_dir, buffer=buffer)
-        restored = checkpointing.load(trainer.checkpoint, run_dir, map_location=trainer.device)
-        trainer.loss.after_update()
-        if "replay_buffer" not in restored:
-            trainer._start_buffer_afresh()
+        checkpointing.verify(run_dir)  # every byte readable, before anything in run_dir changes
+        trainer = cls(apply_overrides(config, overrides), run_dir, buffer=buffer, _resuming=True)
+        try:
+            restored = checkpointing.load(trainer.checkpoint, run_dir, map_location=trainer.device)
+            trainer.loss.after_update()
+            if "replay_buffer" not in restored:
+                trainer._start_buffer_afresh()
+            trainer._write_config()  # with the overrides
+        except BaseException:
+            trainer.close()
+            raise
         return trainer
 
     def _start_buffer_afresh(self) -> None:
@@ -187,7 +287,8 @@ class Trainer:
         memory-mapped files and the updates owed to transitions that are gone; say when an
         in-memory buffer left out of checkpoints is refilled."""
         if is_memory_mapped(self.buffer) and not self.buffer_injected:
-            shutil.rmtree(self.run_dir / "buffer", ignore_errors=True)
+            shutil.rmtree(self._buffer_dir, ignore_errors=True)
+            self._mark_buffer_dir()
         self.counters.pending_updates = 0
         left_out = not (self.config.buffer.in_checkpoint or is_memory_mapped(self.buffer))
         if left_out and self.counters.frames < self.config.collector.total_steps_per_task * self.num_tasks:
@@ -208,6 +309,14 @@ class Trainer:
 
     # --------------------------------------------------------------------- loop
     def train(self, collector: Iterable[TensorDictBase] | None = None) -> dict[str, float]:
+        """:meth:`_train` holding the run directory's lock, which it gives up at the end."""
+        self._run_lock.acquire()
+        try:
+            return self._train(collector)
+        finally:
+            self._run_lock.release()
+
+    def _train(self, collector: Iterable[TensorDictBase] | None = None) -> dict[str, float]:
         """Run until the frame budget is spent or a stop signal arrives; returns the last
         evaluation's mean success (``{"success": ...}``) when there was one.
 
@@ -391,9 +500,11 @@ class Trainer:
         return annealed_beta(self.config.buffer.priority_beta, self.config.buffer.priority_beta_final, progress)
 
     def _non_finite(self, error: NonFiniteLossError) -> NonFiniteLossError:
-        return NonFiniteLossError(
-            f"{error} At update {self.counters.updates}; the last good checkpoint in {self.run_dir} is kept."
-        )
+        if (self.run_dir / checkpointing.CHECKPOINT_NAME).exists():
+            kept = f"the last good checkpoint in {self.run_dir} is kept"
+        else:
+            kept = f"no checkpoint of this run was saved in {self.run_dir} yet"
+        return NonFiniteLossError(f"{error} At update {self.counters.updates}; {kept}.")
 
     def _on_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum
@@ -439,14 +550,22 @@ class Trainer:
 
     def save(self) -> Path:
         """Write ``run_dir/checkpoint`` (atomic); the metadata records the configuration, the
-        code version and the replay buffer (:meth:`resume` checks them)."""
+        code version and the replay buffer (:meth:`resume` checks them). Raises
+        :class:`~checkpointing.SaveError` (the previous checkpoint kept) when it cannot be written."""
+        self._run_lock.acquire()
         metadata = {
             "step": self.counters.frames,
             "config": self.config.to_dict(),
             "version": d2r_torchrl.__version__,
             "buffer": {"injected": self.buffer_injected, "description": describe_buffer(self.buffer)},
         }
-        path = checkpointing.save(self.checkpoint, self.run_dir, metadata)
+        in_checkpoint = "replay_buffer" in self.checkpoint.components
+        path = checkpointing.save(
+            self.checkpoint,
+            self.run_dir,
+            metadata,
+            size=lambda: self._save_bytes(self._transition_bytes() if in_checkpoint else None),
+        )
         self._saved_counters = self.counters.state_dict()
         return path
 
