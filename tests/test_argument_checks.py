@@ -40,7 +40,9 @@ def test_network_builders_refuse_sizes_out_of_range(build, message):
     [
         ("alpha_init", float("nan"), "a finite positive number"),
         ("alpha_init", float("inf"), "a finite positive number"),
-        ("max_log_alpha", float("nan"), "a finite number or None"),
+        ("max_alpha", float("nan"), "a finite positive number or None"),
+        ("min_alpha", -1.0, "a finite positive number or None"),
+        ("target_entropy", float("inf"), "a finite number"),
         ("extreme_loss_threshold", -1.0, "a finite positive number or None"),
         ("extreme_loss_threshold", float("nan"), "a finite positive number or None"),
         ("reward_scale", float("inf"), "a finite positive number"),

@@ -123,7 +123,7 @@ def test_td_target_is_clipped_to_the_bound(sign):
         errors[bound] = batch["td_error"]
     torch.testing.assert_close(errors[50.0], torch.full((8,), 50.0), atol=0.5, rtol=0)
     assert (errors[None] > 0.9 * 1e4).all()
-    with pytest.raises(ValueError, match="td_target_bound must be positive"):
+    with pytest.raises(ValueError, match="td_target_bound must be a finite positive number"):
         tiny_loss(td_target_bound=0.0)
 
 
