@@ -9,7 +9,7 @@ reference capacity (1,000,000 transitions) filled to ``--fill`` with real MT10 t
 - ``memory-mapped``: the buffer's files stay in ``run_dir/buffer``; a checkpoint flushes
   them and records the length, cursor and priority trees.
 
-For each: seconds of the first ``Trainer.save`` after filling (atomic write, flushed to disk:
+For each: seconds of the first ``MultiTaskTrainer.save`` after filling (atomic write, flushed to disk:
 for the memory-mapped buffer this flushes every transition written so far), the median of
 ``--repeats`` further saves (nothing new to flush), the median seconds of loading the
 checkpoint, its size, and the disk blocks the buffer files take. A save also needs room for
@@ -31,7 +31,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from d2r_torchrl.data.replay import prepare_transitions
 from d2r_torchrl.training import builders, checkpointing, preflight
 from d2r_torchrl.training.config import apply_overrides, preset
-from d2r_torchrl.training.trainer import Trainer
+from d2r_torchrl.training.trainer import MultiTaskTrainer
 
 VARIANTS = {
     "none": ["buffer.in_checkpoint=false"],
@@ -41,7 +41,7 @@ VARIANTS = {
 MIB = 2**20
 
 
-def fill(trainer: Trainer, fraction: float) -> int:
+def fill(trainer: MultiTaskTrainer, fraction: float) -> int:
     """Extend the buffer with one collected round (200 steps per task) repeated until
     ``fraction`` of its capacity holds transitions; returns the number stored."""
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
@@ -58,7 +58,7 @@ def measure(root: Path, variant: str, fraction: float, repeats: int) -> dict[str
     config = apply_overrides(
         preset("d2r", "MT10"), [*VARIANTS[variant], "device=cpu", f"log.root={root}", f"log.name={variant}", "log.progress_bar=false"]
     )
-    trainer = Trainer(config)
+    trainer = MultiTaskTrainer(config)
     stored = fill(trainer, fraction)
     save_s = []
     for _ in range(repeats + 1):

@@ -10,7 +10,7 @@ from d2r_torchrl.analysis.__main__ import main as analysis_main
 from d2r_torchrl.modules.d2r import D2RNetwork
 from d2r_torchrl.modules.routing import GateLayout, modules_reached, route_depth
 from d2r_torchrl.training.config import apply_overrides, preset
-from d2r_torchrl.training.trainer import Trainer
+from d2r_torchrl.training.trainer import MultiTaskTrainer
 
 
 def route(edges: dict[int, list[int]], num_modules: int = 4) -> torch.Tensor:
@@ -108,7 +108,7 @@ def test_analysis_cli_writes_pictures(tmp_path):
             "log.name=run",
         ],
     )
-    Trainer(config).train()
+    MultiTaskTrainer(config).train()
     assert analysis_main([str(tmp_path / "run")]) == 0
     written = sorted(p.name for p in (tmp_path / "run" / "analysis").glob("*.png"))
     assert written == ["depth.png", "routes.png", "temperatures.png"]

@@ -14,7 +14,7 @@ from d2r_torchrl.modules.actor_critic import ROUTE_KEY
 from d2r_torchrl.training import builders
 from d2r_torchrl.training.checkpointing import ResumeError
 from d2r_torchrl.training.components import ComponentError, check_batch
-from d2r_torchrl.training.trainer import Trainer
+from d2r_torchrl.training.trainer import MultiTaskTrainer
 from test_resume import small_config as small_resume_config
 
 TASKS = ("reach-v3", "push-v3")
@@ -34,7 +34,7 @@ def stock_prioritized_buffer(path, capacity: int = 60) -> TensorDictPrioritizedR
 
 def test_trainer_runs_a_stock_multi_sync_collector_built_over_its_actor(tmp_path):
     config = small_config(tmp_path, "multi_sync")
-    trainer = Trainer(config)
+    trainer = MultiTaskTrainer(config)
     factories = [builders.env_factory(config, (task,), first_task_id=i) for i, task in enumerate(TASKS)]
     collector = MultiSyncCollector(
         factories, trainer.actor, frames_per_batch=20, total_frames=-1, auto_register_policy_transforms=False
@@ -55,7 +55,7 @@ def test_trainer_runs_a_stock_multi_sync_collector_built_over_its_actor(tmp_path
 
 
 def test_stock_prioritized_memmap_buffer_trains_checkpoints_and_resumes(tmp_path):
-    trainer = Trainer(small_config(tmp_path, "stock_buffer"), buffer=stock_prioritized_buffer(tmp_path / "a"))
+    trainer = MultiTaskTrainer(small_config(tmp_path, "stock_buffer"), buffer=stock_prioritized_buffer(tmp_path / "a"))
     seen, betas = [], []
     update_fn = trainer._update_fn
 
@@ -75,10 +75,10 @@ def test_stock_prioritized_memmap_buffer_trains_checkpoints_and_resumes(tmp_path
     assert tree_after != tree_before  # TD errors became priorities
 
     with pytest.raises(ResumeError, match="replay buffer of its own.*TensorDictPrioritizedReplayBuffer"):
-        Trainer.resume(tmp_path / "stock_buffer")
+        MultiTaskTrainer.resume(tmp_path / "stock_buffer")
     with pytest.raises(ResumeError, match="Pass one of the same class"):
-        Trainer.resume(tmp_path / "stock_buffer", buffer=stock_prioritized_buffer(tmp_path / "b", capacity=80))
-    resumed = Trainer.resume(tmp_path / "stock_buffer", buffer=stock_prioritized_buffer(tmp_path / "c"))
+        MultiTaskTrainer.resume(tmp_path / "stock_buffer", buffer=stock_prioritized_buffer(tmp_path / "b", capacity=80))
+    resumed = MultiTaskTrainer.resume(tmp_path / "stock_buffer", buffer=stock_prioritized_buffer(tmp_path / "c"))
     assert len(resumed.buffer) == len(trainer.buffer) == 60
     saved, restored = trainer.buffer[:], resumed.buffer[:]
     for key in ("observation", "action", ("next", "reward")):
@@ -90,16 +90,16 @@ def test_pieces_that_cannot_serve_the_trainer_are_refused_before_any_work(tmp_pa
     config = small_config(tmp_path, "refused")
     unsized = TensorDictReplayBuffer(storage=LazyTensorStorage(100))
     with pytest.raises(ComponentError, match="no batch size"):
-        Trainer(config, buffer=unsized)
+        MultiTaskTrainer(config, buffer=unsized)
     small = TensorDictReplayBuffer(storage=LazyTensorStorage(20), batch_size=8)
     with pytest.raises(ComponentError, match="not more than the 20 warm-up frames"):
-        Trainer(config, buffer=small)
+        MultiTaskTrainer(config, buffer=small)
     wrong_key = TensorDictPrioritizedReplayBuffer(alpha=0.6, beta=0.4, storage=LazyTensorStorage(100), batch_size=8)
     wrong_key.priority_key = "priority"
     with pytest.raises(ComponentError, match="priority_key='td_error'"):
-        Trainer(config, buffer=wrong_key)
+        MultiTaskTrainer(config, buffer=wrong_key)
     with pytest.raises(ComponentError, match="must be a torchrl.data.ReplayBuffer"):
-        Trainer(config, buffer=[])
+        MultiTaskTrainer(config, buffer=[])
     for sampler_tasks, capacity, message in (
         (3, 120, "built for 3 tasks"),
         (2, 101, "capacity 101 must be a multiple"),
@@ -109,10 +109,10 @@ def test_pieces_that_cannot_serve_the_trainer_are_refused_before_any_work(tmp_pa
             sampler=TaskStratifiedSampler(sampler_tasks), storage=LazyTensorStorage(capacity), batch_size=12
         )
         with pytest.raises(ComponentError, match=message):
-            Trainer(config, buffer=per_task)
+            MultiTaskTrainer(config, buffer=per_task)
     assert not (tmp_path / "refused").exists()
     with pytest.raises(ComponentError, match="lacks update_policy_weights_, shutdown"):
-        Trainer(config).train(iter([]))
+        MultiTaskTrainer(config).train(iter([]))
 
 
 def test_a_batch_without_the_stored_keys_or_with_foreign_task_ids_is_named():

@@ -28,7 +28,7 @@ from d2r_torchrl.modules import make_actor, make_critic
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
 from d2r_torchrl.training import builders, cli
 from d2r_torchrl.training.config import apply_overrides, preset
-from d2r_torchrl.training.trainer import Trainer
+from d2r_torchrl.training.trainer import MultiTaskTrainer
 from d2r_torchrl.training.update import sac_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,14 +185,14 @@ def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
 
 @needs_cuda
 def test_recipe_with_device_auto_trains_on_cuda(tmp_path, monkeypatch):
-    trainers: list[Trainer] = []
+    trainers: list[MultiTaskTrainer] = []
 
-    class RecordedTrainer(Trainer):
+    class RecordedTrainer(MultiTaskTrainer):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(cli, "Trainer", RecordedTrainer)
+    monkeypatch.setattr(cli, "MultiTaskTrainer", RecordedTrainer)
     assert cli.main("d2r", "MT10", tiny_overrides(tmp_path / "run")) == 0
     trainer = trainers[0]
     assert trainer.device.type == "cuda"
@@ -229,14 +229,14 @@ def equal_trees(a: Any, b: Any) -> bool:
     return a == b
 
 
-def training_state(trainer: Trainer) -> dict:
+def training_state(trainer: MultiTaskTrainer) -> dict:
     return on_cpu({"loss": trainer.loss.state_dict(), "optimizers": {n: o.state_dict() for n, o in trainer.optimizers.items()}})
 
 
 def write_interrupted_run(run_dir: str, expected: str) -> dict:
     """Train a tiny run with ``device=auto``, stop it (as on SIGINT) after 2 updates, and
     save its weights and optimiser states to ``expected``."""
-    trainer = Trainer(apply_overrides(preset("d2r", "MT10"), tiny_overrides(
+    trainer = MultiTaskTrainer(apply_overrides(preset("d2r", "MT10"), tiny_overrides(
         Path(run_dir), "collector.total_steps_per_task=60", "eval.episodes_per_task=0"
     )))
     update = trainer.update
@@ -256,7 +256,7 @@ def write_interrupted_run(run_dir: str, expected: str) -> dict:
 def resume_and_finish(run_dir: str, expected: str) -> dict:
     """Resume ``run_dir`` on this process's ``device=auto`` device, compare the restored
     state with ``expected`` and train to the end of the budget."""
-    trainer = Trainer.resume(run_dir)
+    trainer = MultiTaskTrainer.resume(run_dir)
     restored = equal_trees(training_state(trainer), torch.load(expected))
     moments = [state["exp_avg"] for o in trainer.optimizers.values() for state in o.state.values()]
     on_device = bool(moments) and all(t.device.type == trainer.device.type for t in [*trainer.loss.parameters(), *moments])

@@ -24,7 +24,7 @@ from d2r_torchrl.modules.actor_critic import ROUTE_KEY  # noqa: E402
 from d2r_torchrl.sweep import plan_sweep, read_record, run_sweep  # noqa: E402
 from d2r_torchrl.training import builders  # noqa: E402
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
-from d2r_torchrl.training.trainer import Trainer  # noqa: E402
+from d2r_torchrl.training.trainer import MultiTaskTrainer  # noqa: E402
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def test_sweep_survives_a_killed_run_and_the_same_command_resumes_it(cluster, tm
 
 
 def test_training_with_the_ray_collector(cluster, tmp_path, monkeypatch):
-    trainer = Trainer(tiny_config(tmp_path, "collector.kind=ray", "buffer.kind=uniform", "eval.episodes_per_task=0"))
+    trainer = MultiTaskTrainer(tiny_config(tmp_path, "collector.kind=ray", "buffer.kind=uniform", "eval.episodes_per_task=0"))
     initial = [p.detach().clone() for p in trainer.actor.parameters()]
     seen = {}
     make_collector = builders.make_collector

@@ -24,7 +24,7 @@ from d2r_torchrl.training import builders, preflight
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError, read_metadata
 from d2r_torchrl.training.cli import main
 from d2r_torchrl.training.config import ConfigError, apply_overrides, preset
-from d2r_torchrl.training.trainer import Trainer
+from d2r_torchrl.training.trainer import MultiTaskTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # 3 rounds of 10 steps per task (episodes of 10 steps end at every round boundary), 1 warm-up
@@ -65,7 +65,7 @@ def small_config(root: Path, name: str, *extra: str):
     return apply_overrides(preset("d2r", "MT10"), small_args(root, name, *extra))
 
 
-def signal_after_batches(trainer: Trainer, batches: int, signum=signal.SIGINT) -> None:
+def signal_after_batches(trainer: MultiTaskTrainer, batches: int, signum=signal.SIGINT) -> None:
     """Deliver a real ``signum`` to this process once ``batches`` batches are stored."""
     extend, stored = trainer.buffer.extend, []
 
@@ -79,7 +79,7 @@ def signal_after_batches(trainer: Trainer, batches: int, signum=signal.SIGINT) -
     trainer.buffer.extend = extend_then_signal
 
 
-def signal_after_updates(trainer: Trainer, updates: int, signum=signal.SIGINT) -> None:
+def signal_after_updates(trainer: MultiTaskTrainer, updates: int, signum=signal.SIGINT) -> None:
     """Deliver a real ``signum`` to this process during update number ``updates``."""
     update = trainer.update
 
@@ -92,7 +92,7 @@ def signal_after_updates(trainer: Trainer, updates: int, signum=signal.SIGINT) -
     trainer.update = update_then_signal
 
 
-def sample_with_seed(trainer: Trainer, seed: int = 123):
+def sample_with_seed(trainer: MultiTaskTrainer, seed: int = 123):
     """One batch drawn with fixed torch and NumPy RNGs (the prioritized sampler uses NumPy)."""
     with torch.random.fork_rng(devices=[]):
         numpy_state = np.random.get_state()
@@ -103,7 +103,7 @@ def sample_with_seed(trainer: Trainer, seed: int = 123):
     return batch
 
 
-def assert_same_run_state(expected: Trainer, actual: Trainer) -> None:
+def assert_same_run_state(expected: MultiTaskTrainer, actual: MultiTaskTrainer) -> None:
     assert actual.counters.state_dict() == expected.counters.state_dict()
     for key, value in expected.loss.state_dict().items():  # parameters, targets, log-alphas
         assert torch.equal(actual.loss.state_dict()[key], value), key
@@ -139,21 +139,21 @@ def _other(storage: str) -> str:
 )
 def test_run_interrupted_in_warmup_and_mid_round_ends_like_uninterrupted(tmp_path, kind, storage):
     """The uninterrupted reference keeps its buffer in the other storage: both must agree."""
-    straight = Trainer(small_config(tmp_path, "straight", f"buffer.kind={kind}", STORAGES[_other(storage)]))
+    straight = MultiTaskTrainer(small_config(tmp_path, "straight", f"buffer.kind={kind}", STORAGES[_other(storage)]))
     straight.train()
     assert straight.counters.updates == 4 and len(straight.buffer) == 50  # wrapped around
 
     extra = (f"buffer.kind={kind}", STORAGES[storage])
-    stopped = Trainer(small_config(tmp_path, "stopped", *extra))
+    stopped = MultiTaskTrainer(small_config(tmp_path, "stopped", *extra))
     signal_after_batches(stopped, 1)  # during warm-up: no update has run
     stopped.train()
     assert stopped.interrupted and (stopped.counters.frames, stopped.counters.updates) == (20, 0)
-    stopped = Trainer.resume(tmp_path / "stopped")
+    stopped = MultiTaskTrainer.resume(tmp_path / "stopped")
     assert len(stopped.buffer) == 20
     signal_after_updates(stopped, 3)  # the first of round 3's two updates
     stopped.train()
     assert stopped.interrupted and stopped.counters.pending_updates == 1
-    stopped = Trainer.resume(tmp_path / "stopped")
+    stopped = MultiTaskTrainer.resume(tmp_path / "stopped")
     stopped.train()
     assert not stopped.interrupted
     assert_same_run_state(straight, stopped)
@@ -161,7 +161,7 @@ def test_run_interrupted_in_warmup_and_mid_round_ends_like_uninterrupted(tmp_pat
         _assert_buffer_files_reused(stopped)
 
 
-def _assert_buffer_files_reused(trainer: Trainer) -> None:
+def _assert_buffer_files_reused(trainer: MultiTaskTrainer) -> None:
     """The checkpoint holds no copy of the memory-mapped data, and the files on disk are as
     large as the size estimate that the disk check uses says."""
     manifest = Checkpoint.manifest(trainer.run_dir / CHECKPOINT_NAME)
@@ -175,13 +175,13 @@ def _assert_buffer_files_reused(trainer: Trainer) -> None:
 
 
 def test_resume_without_saved_buffer_refills_it_and_says_so(tmp_path, capsys):
-    trainer = Trainer(
+    trainer = MultiTaskTrainer(
         small_config(tmp_path, "run", "buffer.kind=uniform", "buffer.in_checkpoint=false", "collector.total_steps_per_task=40")
     )
     signal_after_updates(trainer, 1)
     trainer.train()
     assert trainer.counters.pending_updates == 1
-    resumed = Trainer.resume(tmp_path / "run")
+    resumed = MultiTaskTrainer.resume(tmp_path / "run")
     lines = [line for line in capsys.readouterr().out.splitlines() if "without a replay buffer" in line]
     assert len(lines) == 1 and "1 round(s) refill it" in lines[0]
     assert len(resumed.buffer) == 0 and resumed.counters.pending_updates == 0
@@ -191,16 +191,16 @@ def test_resume_without_saved_buffer_refills_it_and_says_so(tmp_path, capsys):
 
 
 def test_a_finished_run_trains_on_to_a_larger_budget_like_a_longer_run(tmp_path):
-    longer = Trainer(small_config(tmp_path, "longer", "buffer.kind=stratified", "collector.total_steps_per_task=50"))
+    longer = MultiTaskTrainer(small_config(tmp_path, "longer", "buffer.kind=stratified", "collector.total_steps_per_task=50"))
     longer.train()
-    Trainer(small_config(tmp_path, "extended", "buffer.kind=stratified")).train()  # 30 steps per task
+    MultiTaskTrainer(small_config(tmp_path, "extended", "buffer.kind=stratified")).train()  # 30 steps per task
     with pytest.raises(ConfigError, match="only collector.total_steps_per_task, device"):
-        Trainer.resume(tmp_path / "extended", ["loss.gamma=0.5"])
-    extended = Trainer.resume(tmp_path / "extended", ["collector.total_steps_per_task=50"])
+        MultiTaskTrainer.resume(tmp_path / "extended", ["loss.gamma=0.5"])
+    extended = MultiTaskTrainer.resume(tmp_path / "extended", ["collector.total_steps_per_task=50"])
     extended.train()
     assert_same_run_state(longer, extended)
     # the new budget is the run's own now: a plain resume finds it finished
-    again = Trainer.resume(tmp_path / "extended")
+    again = MultiTaskTrainer.resume(tmp_path / "extended")
     assert again.config.collector.total_steps_per_task == 50
     again.train()
     assert again.counters.state_dict() == longer.counters.state_dict()
@@ -250,7 +250,7 @@ def test_ctrl_c_saves_prints_the_resume_command_and_exits_130(tmp_path):
 
 
 def test_sigterm_exits_143_and_the_printed_command_finishes_the_run(tmp_path, capsys, monkeypatch):
-    update = Trainer.update
+    update = MultiTaskTrainer.update
 
     def update_then_sigterm(self):
         out = update(self)
@@ -258,7 +258,7 @@ def test_sigterm_exits_143_and_the_printed_command_finishes_the_run(tmp_path, ca
             signal.raise_signal(signal.SIGTERM)
         return out
 
-    monkeypatch.setattr(Trainer, "update", update_then_sigterm)
+    monkeypatch.setattr(MultiTaskTrainer, "update", update_then_sigterm)
     assert main("d2r", "MT10", small_args(tmp_path, "run")) == 143
     command = _interrupted_line(capsys.readouterr().out, signal.SIGTERM, tmp_path / "run")
     assert main("d2r", "MT10", command[2:]) == 0
@@ -290,7 +290,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, ca
 
 
 def test_checkpoint_from_another_configuration_or_version_is_refused(tmp_path, capsys, monkeypatch):
-    Trainer(small_config(tmp_path, "run")).save()
+    MultiTaskTrainer(small_config(tmp_path, "run")).save()
     config_path = tmp_path / "run" / "config.json"
     original = config_path.read_text()
     edited = json.loads(original)
@@ -304,11 +304,11 @@ def test_checkpoint_from_another_configuration_or_version_is_refused(tmp_path, c
     assert "buffer" not in err[0]  # only what differs
     config_path.write_text(original)
     with pytest.raises(ConfigError, match="only collector.total_steps_per_task, device, log.progress_bar, compile.enabled"):
-        Trainer.resume(tmp_path / "run", ["loss.gamma=0.5"])
+        MultiTaskTrainer.resume(tmp_path / "run", ["loss.gamma=0.5"])
     written_by = d2r_torchrl.__version__
     monkeypatch.setattr(d2r_torchrl, "__version__", "9.9.9")
     with pytest.raises(ResumeError, match=re.escape(f"written by d2r-torchrl {written_by}, this is 9.9.9")):
-        Trainer.resume(tmp_path / "run")
+        MultiTaskTrainer.resume(tmp_path / "run")
 
 
 def test_clear_errors_before_any_work(tmp_path, capsys, monkeypatch):
@@ -355,7 +355,7 @@ def _as_if_written_on_cuda(archive: Path) -> None:
 
 
 def test_cuda_checkpoint_resumes_on_cpu(tmp_path, monkeypatch):
-    trainer = Trainer(small_config(tmp_path, "run"))
+    trainer = MultiTaskTrainer(small_config(tmp_path, "run"))
     signal_after_updates(trainer, 1)
     trainer.train()
     archive = tmp_path / "run" / CHECKPOINT_NAME
@@ -367,8 +367,8 @@ def test_cuda_checkpoint_resumes_on_cpu(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):  # what a CPU machine meets without map_location
         Checkpoint(format="archive", loss=trainer.loss).load(archive)
     with pytest.raises(ConfigError, match="CUDA is not available"):
-        Trainer.resume(tmp_path / "run")
-    resumed = Trainer.resume(tmp_path / "run", ["device=cpu"])
+        MultiTaskTrainer.resume(tmp_path / "run")
+    resumed = MultiTaskTrainer.resume(tmp_path / "run", ["device=cpu"])
     assert resumed.device.type == "cpu" and resumed.counters.updates == 1
     for key, value in trainer.loss.state_dict().items():
         assert torch.equal(resumed.loss.state_dict()[key], value), key
@@ -424,9 +424,9 @@ def test_a_stop_during_collection_drops_the_batch_and_the_resumed_run_ends_like_
     """SIGTERM at the 5th of the 10 steps collecting round 3: the actor is not called again,
     the checkpoint is the state after round 2 (RNGs included), and resuming ends where the
     uninterrupted run does."""
-    straight = Trainer(small_config(tmp_path, "straight", "buffer.kind=stratified"))
+    straight = MultiTaskTrainer(small_config(tmp_path, "straight", "buffer.kind=stratified"))
     straight.train()
-    stopped = Trainer(small_config(tmp_path, "stopped", "buffer.kind=stratified"))
+    stopped = MultiTaskTrainer(small_config(tmp_path, "stopped", "buffer.kind=stratified"))
     steps = []
 
     def signal_mid_collection(_, args) -> None:
@@ -442,7 +442,7 @@ def test_a_stop_during_collection_drops_the_batch_and_the_resumed_run_ends_like_
         rounds=2, frames=40, updates=2, pending_updates=0, batch_start_frames=20, pending_evaluation=0
     )
     assert read_metadata(tmp_path / "stopped")["step"] == 40
-    resumed = Trainer.resume(tmp_path / "stopped")
+    resumed = MultiTaskTrainer.resume(tmp_path / "stopped")
     resumed.train()
     assert not resumed.interrupted
     assert_same_run_state(straight, resumed)
@@ -452,7 +452,7 @@ def test_the_progress_bar_moves_with_each_collected_step_and_each_update(tmp_pat
     """Every bar refresh is printed (mininterval=0): the frame count passes through each step
     of 2 frames (2 tasks), and each update round shows its updates done, owed and rate."""
     monkeypatch.setattr(tqdm, "tqdm", functools.partial(tqdm.tqdm, mininterval=0))
-    Trainer(small_config(tmp_path, "run", "log.progress_bar=true")).train()
+    MultiTaskTrainer(small_config(tmp_path, "run", "log.progress_bar=true")).train()
     err = capsys.readouterr().err
     shown = {int(frames) for frames in re.findall(r"\| *(\d+)/60 \[", err)}
     assert shown == set(range(0, 61, 2))

@@ -19,7 +19,7 @@ from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, read_metadata
 from d2r_torchrl.training.cli import main
 from d2r_torchrl.training.config import ConfigError
 from d2r_torchrl.training.run_lock import LOCK_NAME, RunInUseError, RunLock
-from d2r_torchrl.training.trainer import BUFFER_MARKER, Trainer
+from d2r_torchrl.training.trainer import BUFFER_MARKER, MultiTaskTrainer
 from test_resume import ROOT, STORAGES, small_args, small_config
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -50,7 +50,7 @@ def recipe(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_a_second_process_is_refused_while_a_run_holds_its_directory(tmp_path):
-    holder = Trainer(small_config(tmp_path, "run", STORAGES["memmap"], PYTORCH_CHAIN))
+    holder = MultiTaskTrainer(small_config(tmp_path, "run", STORAGES["memmap"], PYTORCH_CHAIN))
     run_dir = tmp_path / "run"
     (run_dir / "buffer" / "files_of_the_first_run").write_text("in use")
     before = snapshot(run_dir)
@@ -86,7 +86,7 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
-    trainer = Trainer(small_config(tmp_path, "run"))  # the kernel released the dead process's lock
+    trainer = MultiTaskTrainer(small_config(tmp_path, "run"))  # the kernel released the dead process's lock
     assert f'"pid": {os.getpid()}' in (run_dir / LOCK_NAME).read_text()
     trainer.close()
 
@@ -98,7 +98,7 @@ def test_default_run_names_launched_in_the_same_second_differ(tmp_path, monkeypa
             return cls(2026, 11, 20, 12, 0, 0)
 
     monkeypatch.setattr(trainer_module.datetime, "datetime", FrozenClock)
-    first, second = (Trainer(small_config(tmp_path, "")) for _ in range(2))
+    first, second = (MultiTaskTrainer(small_config(tmp_path, "")) for _ in range(2))
     assert first.run_dir == tmp_path / "d2r_reach-v3,push-v3_20261120-120000"
     assert second.run_dir == tmp_path / "d2r_reach-v3,push-v3_20261120-120000-2"
     assert (first.run_dir / "config.json").exists() and (second.run_dir / "config.json").exists()
@@ -112,11 +112,11 @@ def test_a_new_run_deletes_only_a_buffer_folder_an_earlier_run_created(tmp_path,
     assert f"{own / '.' / 'buffer'} exists and was not written by a d2r-torchrl run" in message
     assert (own / "buffer" / "precious.txt").read_text() == "not the run's"
 
-    earlier = Trainer(small_config(tmp_path, "run", STORAGES["memmap"]))  # stopped before any checkpoint
+    earlier = MultiTaskTrainer(small_config(tmp_path, "run", STORAGES["memmap"]))  # stopped before any checkpoint
     earlier.close()
     assert (tmp_path / "run" / "buffer" / BUFFER_MARKER).exists()
     (tmp_path / "run" / "buffer" / "stale.memmap").write_text("left by the run")
-    again = Trainer(small_config(tmp_path, "run", STORAGES["memmap"]))
+    again = MultiTaskTrainer(small_config(tmp_path, "run", STORAGES["memmap"]))
     assert not (again.run_dir / "buffer" / "stale.memmap").exists()
     assert (again.run_dir / "buffer" / BUFFER_MARKER).exists()
 
@@ -132,7 +132,7 @@ def _damage_the_largest_member(archive: Path) -> None:
 
 
 def test_a_checkpoint_damaged_in_the_middle_is_refused_before_anything_changes(tmp_path, capsys):
-    trainer = Trainer(small_config(tmp_path, "run"))
+    trainer = MultiTaskTrainer(small_config(tmp_path, "run"))
     trainer.save()
     trainer.close()
     run_dir = tmp_path / "run"
@@ -174,7 +174,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_what_a
 
 
 def test_the_space_check_counts_what_a_save_writes(tmp_path, capsys, monkeypatch):
-    Trainer(small_config(tmp_path, "saved", "buffer.in_checkpoint=false", PYTORCH_CHAIN)).train()  # Adam's moments exist
+    MultiTaskTrainer(small_config(tmp_path, "saved", "buffer.in_checkpoint=false", PYTORCH_CHAIN)).train()  # Adam's moments exist
     archive = (tmp_path / "saved" / CHECKPOINT_NAME).stat().st_size  # networks and optimisers only
     free = archive  # room for the archive, not for the staged copy as well
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free})())
@@ -190,9 +190,9 @@ def test_the_space_check_counts_what_a_save_writes(tmp_path, capsys, monkeypatch
 
 
 def test_a_new_run_with_an_explicit_directory_holding_a_checkpoint_is_refused(tmp_path):
-    Trainer(small_config(tmp_path, "run")).save()
+    MultiTaskTrainer(small_config(tmp_path, "run")).save()
     with pytest.raises(ConfigError, match="already holds a run"):
-        Trainer(small_config(tmp_path, "other"), tmp_path / "run")
+        MultiTaskTrainer(small_config(tmp_path, "other"), tmp_path / "run")
 
 
 @pytest.mark.parametrize(

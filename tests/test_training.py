@@ -17,7 +17,7 @@ from d2r_torchrl.training import builders
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME, ResumeError
 from d2r_torchrl.training.cli import main, parse
 from d2r_torchrl.training.config import ConfigError, RunConfig, apply_overrides, differences, preset
-from d2r_torchrl.training.trainer import Trainer
+from d2r_torchrl.training.trainer import MultiTaskTrainer
 from d2r_torchrl.training.update import NonFiniteLossError, clip_grad_norm_stacked_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_recipe_entry_point_writes_per_task_success(tmp_path):
     assert len(counts) == 10 and all(count in (0.0, 1.0, 2.0) for count in counts)  # of 2 updates per round
 
 
-def _stop_after(trainer: Trainer, updates: int) -> None:
+def _stop_after(trainer: MultiTaskTrainer, updates: int) -> None:
     update = trainer.update
 
     def update_then_signal():
@@ -78,13 +78,13 @@ def _stop_after(trainer: Trainer, updates: int) -> None:
 
 
 def test_stop_and_resume_continue_from_checkpoint(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "log.name=run", "collector.total_steps_per_task=60"))
+    trainer = MultiTaskTrainer(tiny_config(tmp_path, "log.name=run", "collector.total_steps_per_task=60"))
     _stop_after(trainer, 3)
     trainer.train()
     assert trainer.counters.updates == 3 and trainer.interrupted
     saved_alpha = trainer.loss.log_alpha.detach().clone()
     saved_params = trainer.loss.actor_network_params.clone()
-    resumed = Trainer.resume(tmp_path / "run")
+    resumed = MultiTaskTrainer.resume(tmp_path / "run")
     assert resumed.counters.state_dict() == trainer.counters.state_dict()
     torch.testing.assert_close(resumed.loss.log_alpha.detach(), saved_alpha)
     assert (resumed.loss.actor_network_params == saved_params).all()
@@ -95,7 +95,7 @@ def test_stop_and_resume_continue_from_checkpoint(tmp_path):
 
 
 def test_train_again_after_interruption_runs_to_the_end(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "log.name=run", "eval.episodes_per_task=0"))
+    trainer = MultiTaskTrainer(tiny_config(tmp_path, "log.name=run", "eval.episodes_per_task=0"))
     _stop_after(trainer, 1)
     trainer.train()
     assert trainer.interrupted and trainer.counters.frames < 60
@@ -104,15 +104,15 @@ def test_train_again_after_interruption_runs_to_the_end(tmp_path):
 
 
 def test_corrupt_checkpoint_raises_and_is_left_untouched(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "log.name=run"))
+    trainer = MultiTaskTrainer(tiny_config(tmp_path, "log.name=run"))
     trainer.save()
     checkpoint = tmp_path / "run" / CHECKPOINT_NAME
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(ResumeError, match="corrupt"):
-        Trainer.resume(tmp_path / "run")
+        MultiTaskTrainer.resume(tmp_path / "run")
     assert checkpoint.read_bytes() == b"not a checkpoint"
     with pytest.raises(ResumeError, match="config.json"):
-        Trainer.resume(tmp_path / "nowhere")
+        MultiTaskTrainer.resume(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_each_collector_and_buffer_runs_updates(tmp_path, collector, buffer):
     config = tiny_config(
         tmp_path, f"collector.kind={collector}", f"buffer.kind={buffer}", "eval.episodes_per_task=0"
     )
-    trainer = Trainer(config)
+    trainer = MultiTaskTrainer(config)
     trainer.train()
     assert trainer.counters.updates >= 2
     assert trainer.counters.frames >= 60
@@ -131,13 +131,13 @@ def test_each_collector_and_buffer_runs_updates(tmp_path, collector, buffer):
 
 def test_warmup_rounds_run_no_update(tmp_path):
     # 3 rounds of 10 steps per task, 1 warm-up round, 2 updates per round -> rounds 2 and 3 update
-    trainer = Trainer(tiny_config(tmp_path, "eval.episodes_per_task=0"))
+    trainer = MultiTaskTrainer(tiny_config(tmp_path, "eval.episodes_per_task=0"))
     trainer.train()
     assert (trainer.counters.rounds, trainer.counters.updates) == (3, 4)
 
 
 def test_random_warmup_stores_no_behaviour_route(tmp_path):
-    trainer = Trainer(
+    trainer = MultiTaskTrainer(
         tiny_config(
             tmp_path,
             "collector.warmup_policy=random",
@@ -264,7 +264,7 @@ def test_stacked_critics_are_clipped_one_by_one():
 
 
 def test_non_finite_loss_stops_before_any_change(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, "buffer.kind=uniform"))
+    trainer = MultiTaskTrainer(tiny_config(tmp_path, "buffer.kind=uniform"))
     trainer.buffer.extend(_transitions_with_nan_reward(trainer))
     before = trainer.loss.actor_network_params.clone()
     with pytest.raises(NonFiniteLossError, match=f"no checkpoint of this run was saved in {trainer.run_dir} yet") as raised:
@@ -276,7 +276,7 @@ def test_non_finite_loss_stops_before_any_change(tmp_path):
     assert (trainer.loss.actor_network_params == before).all()
 
 
-def _transitions_with_nan_reward(trainer: Trainer) -> TensorDict:
+def _transitions_with_nan_reward(trainer: MultiTaskTrainer) -> TensorDict:
     from torchrl.envs.utils import ExplorationType, set_exploration_type
 
     with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM):
@@ -286,6 +286,6 @@ def _transitions_with_nan_reward(trainer: Trainer) -> TensorDict:
 
 
 def test_new_run_refuses_to_overwrite_existing_run(tmp_path):
-    Trainer(tiny_config(tmp_path, "log.name=run")).save()
+    MultiTaskTrainer(tiny_config(tmp_path, "log.name=run")).save()
     with pytest.raises(ConfigError, match="--resume"):
-        Trainer(tiny_config(tmp_path, "log.name=run"))
+        MultiTaskTrainer(tiny_config(tmp_path, "log.name=run"))

@@ -1,8 +1,8 @@
 """Run a sweep's training runs as Ray tasks on the connected cluster.
 
 Each unfinished run becomes one Ray task with declared resources (:func:`run_resources`)
-running the ordinary :class:`Trainer` in its run directory: a new run starts, an
-interrupted one (its checkpoint exists) continues through :meth:`Trainer.resume`, a
+running the ordinary :class:`MultiTaskTrainer` in its run directory: a new run starts, an
+interrupted one (its checkpoint exists) continues through :meth:`MultiTaskTrainer.resume`, a
 finished one (``sweep.json`` says ``done``) is skipped. A run that fails (an exception,
 a killed worker) is reported with its error and the others go on.
 """
@@ -42,7 +42,7 @@ def train_run(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
     runs, then the status, the frames and updates reached, the frames each resume started
     from, and the wall seconds summed over segments. Returns that record.
     """
-    from d2r_torchrl.training.trainer import Trainer
+    from d2r_torchrl.training.trainer import MultiTaskTrainer
 
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
@@ -51,10 +51,10 @@ def train_run(run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
         write_record(path, {**record, "status": "running", "pid": os.getpid(), "host": socket.gethostname()})
         started = time.perf_counter()
         if (path / CHECKPOINT_NAME).exists():  # the plan's budget, device and compile settings apply
-            trainer = Trainer.resume(path, resume_overrides(RunConfig.from_dict(config)))
+            trainer = MultiTaskTrainer.resume(path, resume_overrides(RunConfig.from_dict(config)))
             record["resumed_from_frames"] = [*record.get("resumed_from_frames", []), trainer.counters.frames]
         else:
-            trainer = Trainer(RunConfig.from_dict(config), path)
+            trainer = MultiTaskTrainer(RunConfig.from_dict(config), path)
         trainer.train()
         record.update(
             status="interrupted" if trainer.interrupted else "done",
@@ -145,7 +145,7 @@ def run_sweep(
         _collect(pending, results, on_result)
     except KeyboardInterrupt:
         for ref in pending:
-            ray.cancel(ref)  # SIGINT in the worker: the Trainer saves and returns
+            ray.cancel(ref)  # SIGINT in the worker: the MultiTaskTrainer saves and returns
         _collect(pending, results, on_result)
     return [results[run.name] for run in runs]
 

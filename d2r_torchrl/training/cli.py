@@ -26,7 +26,7 @@ from d2r_torchrl.training.config import (
 )
 from d2r_torchrl.training.run_lock import RunInUseError
 from d2r_torchrl.training.signals import exit_code, signal_name
-from d2r_torchrl.training.trainer import NonFiniteLossError, Trainer
+from d2r_torchrl.training.trainer import NonFiniteLossError, MultiTaskTrainer
 
 
 class Command(NamedTuple):
@@ -62,7 +62,7 @@ def main(algorithm: str, benchmark: str, argv: Sequence[str] | None = None) -> i
     """Entry point of the recipes; returns the process exit code."""
     try:
         command = parse(algorithm, benchmark, argv)
-        trainer = Trainer.resume(command.resume, command.overrides) if command.resume else Trainer(command.config)
+        trainer = MultiTaskTrainer.resume(command.resume, command.overrides) if command.resume else MultiTaskTrainer(command.config)
         print(f"run directory: {trainer.run_dir}", flush=True)
         trainer.train()
     except (ConfigError, ResumeError, SaveError, RunInUseError, NonFiniteLossError, MissingExtensionError) as error:

@@ -1,13 +1,13 @@
-"""What a collector or replay buffer handed to :class:`~d2r_torchrl.training.trainer.Trainer`
+"""What a collector or replay buffer handed to :class:`~d2r_torchrl.training.trainer.MultiTaskTrainer`
 must provide, checked before any work, with errors that name what is missing.
 
-* A **collector** (``Trainer.train(collector)``): any TorchRL collector, or anything iterable
+* A **collector** (``MultiTaskTrainer.train(collector)``): any TorchRL collector, or anything iterable
   that yields TensorDict batches and has ``update_policy_weights_()`` and ``shutdown()``,
   running the trainer's ``actor``. Each batch must hold :data:`REQUIRED_BATCH_KEYS` with
   ``task_id`` in ``[0, T)``; a D2R actor adds its route ``("routing", "path")`` (batches
   without it, e.g. random warm-up, are stored with an empty route, which the loss treats as
   "no stored route").
-* A **replay buffer** (``Trainer(config, buffer=...)``): a TorchRL ``ReplayBuffer`` with a
+* A **replay buffer** (``MultiTaskTrainer(config, buffer=...)``): a TorchRL ``ReplayBuffer`` with a
   batch size, room for more than the warm-up frames, and ``state_dict``/``load_state_dict``
   (TorchRL's own). A prioritized one (a ``PrioritizedSampler``) must be a
   ``TensorDictReplayBuffer`` (it returns ``index`` and ``priority_weight`` with each sample

@@ -68,8 +68,14 @@ def _crossed(before: int, after: int, interval: int) -> bool:
     return after // interval > before // interval
 
 
-class Trainer:
-    """Runs multi-task SAC as configured; ``Trainer(config).train()``.
+class MultiTaskTrainer:
+    """Runs multi-task SAC as configured; ``MultiTaskTrainer(config).train()``.
+
+    The recipes' loop, distinct from ``torchrl.trainers.Trainer`` (which runs the same loss,
+    buffers and update with the hooks of :mod:`~d2r_torchrl.training.hooks`): it adds exact
+    resume with the updates a stopped round still owes, stops within seconds with a
+    checkpoint and exit 130/143, memory-mapped buffers resumed in place, rounds counted per
+    task and a lock on its run directory.
 
     One *round* collects ``collector.steps_per_task`` steps in every task, then (after
     ``collector.warmup_rounds`` rounds) runs ``collector.updates_per_round`` updates.
@@ -77,7 +83,7 @@ class Trainer:
     rounds and on SIGINT/SIGTERM; :meth:`resume` continues a run directory. A
     memory-mapped replay buffer lives in ``run_dir/buffer`` and is resumed from there.
 
-    Bring your own TorchRL pieces: ``Trainer(config, buffer=my_buffer)`` replaces the
+    Bring your own TorchRL pieces: ``MultiTaskTrainer(config, buffer=my_buffer)`` replaces the
     configured replay buffer and ``trainer.train(my_collector)`` the configured collector
     (built over ``trainer.actor``); :mod:`~d2r_torchrl.training.components` says what each
     must provide and checks it before any work.
@@ -248,7 +254,7 @@ class Trainer:
     @classmethod
     def resume(
         cls, run_dir: str | Path, overrides: Sequence[str] = (), *, buffer: ReplayBuffer | None = None
-    ) -> "Trainer":
+    ) -> "MultiTaskTrainer":
         """Rebuild a run from ``run_dir/config.json`` and load its checkpoint.
 
         ``overrides`` may change only :data:`RESUME_OVERRIDES` (e.g. ``device=cpu`` to continue a
@@ -576,14 +582,14 @@ def _phase_totals() -> dict[str, float]:
 
 
 def _check_same_buffer(run_dir: Path, saved: dict | None, buffer: ReplayBuffer | None) -> None:
-    """Raise :class:`~checkpointing.ResumeError` when the buffer given to :meth:`Trainer.resume`
+    """Raise :class:`~checkpointing.ResumeError` when the buffer given to :meth:`MultiTaskTrainer.resume`
     does not match the one the run was trained with (a buffer of its own, or the configured one)."""
     if saved is None or not (saved["injected"] or buffer is not None):
         return  # checkpoints from before buffers were recorded, or configured buffer both times
     if saved["injected"] and buffer is None:
         raise checkpointing.ResumeError(
             f"{run_dir} was trained with a replay buffer of its own, {saved['description']}; the configured "
-            "one cannot take its transitions. Pass a new buffer like it: Trainer.resume(run_dir, buffer=...)."
+            "one cannot take its transitions. Pass a new buffer like it: MultiTaskTrainer.resume(run_dir, buffer=...)."
         )
     if not saved["injected"]:
         raise checkpointing.ResumeError(
