@@ -32,22 +32,22 @@ from parity_sac import SETTINGS, Hyper, project_overrides  # noqa: E402
 
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
 from d2r_torchrl.training.config import RunConfig, apply_overrides, preset  # noqa: E402
-from d2r_torchrl.training.trainer import Trainer  # noqa: E402
+from d2r_torchrl.training.trainer import MultiTaskTrainer  # noqa: E402
 
 STATISTICS = ("td_mean", "td_max", "masked", "task_loss", "critic_loss", "entropy", "alpha")
 
 
-def continue_copy(source: Path, out: Path, overrides: list[str], steps: int) -> Trainer:
+def continue_copy(source: Path, out: Path, overrides: list[str], steps: int) -> MultiTaskTrainer:
     """A copy of ``source`` in ``out`` with ``overrides`` applied, resumed from its checkpoint."""
     config = RunConfig.from_dict(json.loads((source / "config.json").read_text()))
     config = apply_overrides(config, [*overrides, f"collector.total_steps_per_task={steps}", f"log.root={out.parent}", f"log.name={out.name}"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     shutil.copy(source / CHECKPOINT_NAME, out / CHECKPOINT_NAME)
-    return Trainer.resume(out)
+    return MultiTaskTrainer.resume(out)
 
 
-def instrument(trainer: Trainer, log_path: Path) -> None:
+def instrument(trainer: MultiTaskTrainer, log_path: Path) -> None:
     """Record the statistics of every update and write one line per round and evaluation."""
     log, rows, td_errors = log_path.open("a"), [], []
     update, evaluate, forward = trainer.update, trainer.evaluate, trainer.loss.forward
@@ -99,7 +99,7 @@ def main() -> None:
     else:
         hyper = Hyper(args.task, args.steps, eval_every=2_000, eval_episodes=20, **SETTINGS[args.setting])
         config = apply_overrides(preset("mt_sac", "MT10"), project_overrides(hyper, args.seed, args.out, args.project))
-        trainer = Trainer(config)
+        trainer = MultiTaskTrainer(config)
     instrument(trainer, args.out / "rounds.jsonl")
     trainer.train()
 

@@ -19,7 +19,7 @@ rounds of 200 env steps then 200 updates after 20 warm-up rounds collected by th
 policy, Adam lr 3e-4 (alpha lr per ``--set``), tau 0.005, gamma 0.99, alpha <= 1, the
 gradient of each network clipped to norm 1, bootstrapping through time limits.
 
-* project: :class:`~d2r_torchrl.training.trainer.Trainer` with the ``mt_sac`` preset and
+* project: :class:`~d2r_torchrl.training.trainer.MultiTaskTrainer` with the ``mt_sac`` preset and
   its defaults (replay, loss, extreme-task rule), ``--project KEY=VALUE`` to change them;
 * stock: ``torchrl.objectives.SACLoss``, ``torchrl.modules.MLP``/``NormalParamExtractor``/
   ``ProbabilisticActor``/``TanhNormal``/``ValueOperator``, a ``Collector`` over a
@@ -65,7 +65,7 @@ from d2r_torchrl.modules.actor_critic import SCALE_MIN  # noqa: E402
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
 from d2r_torchrl.training.config import apply_overrides, preset  # noqa: E402
 from d2r_torchrl.training.evaluation import evaluate, make_eval_envs  # noqa: E402
-from d2r_torchrl.training.trainer import Trainer  # noqa: E402
+from d2r_torchrl.training.trainer import MultiTaskTrainer  # noqa: E402
 
 SIDES = ("project", "stock")
 SETTINGS = {"default": {"reward_scale": 1.0, "alpha_lr": 3e-4}, "reference": {"reward_scale": 0.1, "alpha_lr": 1e-4}}
@@ -138,9 +138,9 @@ def project_overrides(hyper: Hyper, seed: int, run_dir: Path, extra: list[str]) 
 def run_project(hyper: Hyper, seed: int, run_dir: Path, extra: list[str]) -> bool:
     """Train (or resume) one project run; returns whether it finished."""
     if (run_dir / CHECKPOINT_NAME).exists():
-        trainer = Trainer.resume(run_dir)
+        trainer = MultiTaskTrainer.resume(run_dir)
     else:
-        trainer = Trainer(apply_overrides(preset("mt_sac", "MT10"), project_overrides(hyper, seed, run_dir, extra)))
+        trainer = MultiTaskTrainer(apply_overrides(preset("mt_sac", "MT10"), project_overrides(hyper, seed, run_dir, extra)))
     trainer.train()
     return not trainer.interrupted
 
