@@ -241,10 +241,10 @@ def test_presets_follow_reference_values():
     assert (mt10.loss.extreme_loss_threshold, mt10.loss.extreme_loss_rule) == (3000.0, "clip")
 
 
-@pytest.mark.parametrize("example", range(3))
+@pytest.mark.parametrize("example", range(4))
 def test_readme_examples_run(tmp_path, example):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     script = tmp_path / "example.py"
     script.write_text(blocks[example])
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
