@@ -15,7 +15,9 @@ Writes ``OUT/rounds.jsonl``: after every round of updates the mean and max ``|Q 
 critic loss and entropy, the last alpha; after every evaluation (every 2,000 steps, 20
 episodes) the success. ``--from RUN_DIR`` copies that run's checkpoint (saved at each
 evaluation, replay buffer included) and continues it with ``--project`` applied to its
-configuration. One torch thread.
+configuration. ``--snapshots`` keeps a copy of every checkpoint in ``OUT/snapshots/<frames>``
+and saves one more after the first round whose largest ``|Q - y|`` exceeds
+``--outlier-threshold`` (for ``benchmarks/diagnose_divergence.py``). One torch thread.
 """
 from __future__ import annotations
 
@@ -45,6 +47,31 @@ def continue_copy(source: Path, out: Path, overrides: list[str], steps: int) -> 
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     shutil.copy(source / CHECKPOINT_NAME, out / CHECKPOINT_NAME)
     return Trainer.resume(out)
+
+
+def keep_snapshots(trainer: Trainer, threshold: float) -> None:
+    """Copy every checkpoint to ``run_dir/snapshots/<frames>``; save one more after the first
+    round of updates whose largest TD error exceeds ``threshold`` (read from ``rounds.jsonl``)."""
+    save, run_updates = trainer.save, trainer._run_pending_updates
+    log_path, crossed = trainer.run_dir / "rounds.jsonl", [False]
+
+    def saved_with_copy() -> Path:
+        path = save()
+        target = trainer.run_dir / "snapshots" / str(trainer.counters.frames)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / CHECKPOINT_NAME)
+        return path
+
+    def updates_then_snapshot() -> None:
+        run_updates()
+        if crossed[0] or not log_path.exists():
+            return
+        last = json.loads(log_path.read_text().splitlines()[-1])
+        if last.get("td_max", 0.0) > threshold and last["frames"] == trainer.counters.frames:
+            crossed[0] = True
+            trainer.save()
+
+    trainer.save, trainer._run_pending_updates = saved_with_copy, updates_then_snapshot
 
 
 def instrument(trainer: Trainer, log_path: Path) -> None:
@@ -92,15 +119,21 @@ def main() -> None:
     parser.add_argument("--project", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--from", dest="source", type=Path, help="continue a copy of this run directory")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--snapshots", action="store_true", help="keep every checkpoint (see above)")
+    parser.add_argument("--outlier-threshold", type=float, default=1_000.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.source is not None:
+    if (args.out / CHECKPOINT_NAME).exists():  # the same command continues the run
+        trainer = Trainer.resume(args.out)
+    elif args.source is not None:
         trainer = continue_copy(args.source, args.out, args.project, args.steps)
     else:
         hyper = Hyper(args.task, args.steps, eval_every=2_000, eval_episodes=20, **SETTINGS[args.setting])
         config = apply_overrides(preset("mt_sac", "MT10"), project_overrides(hyper, args.seed, args.out, args.project))
         trainer = Trainer(config)
     instrument(trainer, args.out / "rounds.jsonl")
+    if args.snapshots:
+        keep_snapshots(trainer, args.outlier_threshold)
     trainer.train()
 
 
