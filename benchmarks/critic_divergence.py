@@ -7,8 +7,9 @@
     python benchmarks/critic_divergence.py --steps 30000 --out /tmp/div_clip --from /tmp/div_per \
         --project loss.extreme_loss_rule=clip      # continue a copy of a run with other settings
 
-(``--from`` continues from the run's last checkpoint; for the 20k state of RESULTS.md stop
-the first run at ``--steps 20000``.)
+(``--from`` continues from the run's last checkpoint, or with ``--from-frames N`` from its
+snapshot at ``N`` frames; for the 20k state of RESULTS.md stop the first run at ``--steps 20000``.
+The same command continues an interrupted run.)
 
 Writes ``OUT/rounds.jsonl``: after every round of updates the mean and max ``|Q - y|``
 (``td_error``, the larger critic), how many updates masked the task, the mean task loss,
@@ -39,13 +40,15 @@ from d2r_torchrl.training.trainer import Trainer  # noqa: E402
 STATISTICS = ("td_mean", "td_max", "masked", "task_loss", "critic_loss", "entropy", "alpha")
 
 
-def continue_copy(source: Path, out: Path, overrides: list[str], steps: int) -> Trainer:
-    """A copy of ``source`` in ``out`` with ``overrides`` applied, resumed from its checkpoint."""
+def continue_copy(source: Path, out: Path, overrides: list[str], steps: int, frames: int | None = None) -> Trainer:
+    """A copy of ``source`` in ``out`` with ``overrides`` applied, resumed from its checkpoint
+    (or, with ``frames``, from its snapshot ``source/snapshots/<frames>``)."""
     config = RunConfig.from_dict(json.loads((source / "config.json").read_text()))
     config = apply_overrides(config, [*overrides, f"collector.total_steps_per_task={steps}", f"log.root={out.parent}", f"log.name={out.name}"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    shutil.copy(source / CHECKPOINT_NAME, out / CHECKPOINT_NAME)
+    checkpoint = source / CHECKPOINT_NAME if frames is None else source / "snapshots" / str(frames) / CHECKPOINT_NAME
+    shutil.copy(checkpoint, out / CHECKPOINT_NAME)
     return Trainer.resume(out)
 
 
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--set", dest="setting", choices=list(SETTINGS), default="default")
     parser.add_argument("--project", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--from", dest="source", type=Path, help="continue a copy of this run directory")
+    parser.add_argument("--from-frames", type=int, default=None, help="... from its snapshot at these frames")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--snapshots", action="store_true", help="keep every checkpoint (see above)")
     parser.add_argument("--outlier-threshold", type=float, default=1_000.0)
@@ -126,7 +130,7 @@ def main() -> None:
     if (args.out / CHECKPOINT_NAME).exists():  # the same command continues the run
         trainer = Trainer.resume(args.out)
     elif args.source is not None:
-        trainer = continue_copy(args.source, args.out, args.project, args.steps)
+        trainer = continue_copy(args.source, args.out, args.project, args.steps, args.from_frames)
     else:
         hyper = Hyper(args.task, args.steps, eval_every=2_000, eval_episodes=20, **SETTINGS[args.setting])
         config = apply_overrides(preset("mt_sac", "MT10"), project_overrides(hyper, args.seed, args.out, args.project))

@@ -27,6 +27,13 @@ For each checkpoint ``RUN/snapshots/<frames>/checkpoint`` (``--frames``; default
   next observation and reward, and of the flags.
 
 Writes ``OUT/diagnosis.json`` and ``OUT/diagnosis.md``. One torch thread.
+
+    python benchmarks/diagnose_divergence.py --warmup-seeds 0 1 2 3 4 --out benchmarks/runs/divergence/warmup
+
+collects only the warm-up (20 rounds of 200 steps by the initial policy, as in
+``benchmarks/parity_sac.py``) of each side and seed and writes ``OUT/warmup.json``: per
+episode the largest z-score of an ``s'`` feature against that buffer, and which episodes
+and steps exceed 10.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -44,8 +52,12 @@ from tensordict import TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from d2r_torchrl.training.builders import env_factory
+from d2r_torchrl.training.config import apply_overrides, preset
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME
 from d2r_torchrl.training.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from parity_sac import SETTINGS, Hyper, StockRun, project_overrides  # noqa: E402
 
 REWARD_MAX = 10.0  # Meta-World's per-step reward is in [0, 10]
 RLKIT_EPS = 1e-6
@@ -139,11 +151,20 @@ def td_terms(trainer: Trainer, data: TensorDictBase, draws: int, chunk: int = 20
     return {key: torch.cat(values) for key, values in out.items()}
 
 
-def feature_zscores(data: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest per-feature z-score (against all stored ``s``) of every ``s`` and ``s'`` ``[N]``."""
+def feature_zscores(data: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Largest per-feature z-score (against all stored ``s``) of every ``s`` and ``s'``, and
+    the feature of ``s'`` where it is, ``[N]`` each."""
     obs = data.get("observation")
     mean, std = obs.mean(0), obs.std(0).clamp(min=1e-6)
-    return ((obs - mean) / std).abs().amax(-1), ((data.get(("next", "observation")) - mean) / std).abs().amax(-1)
+    next_z = ((data.get(("next", "observation")) - mean) / std).abs()
+    return ((obs - mean) / std).abs().amax(-1), next_z.amax(-1), next_z.argmax(-1)
+
+
+def unusual_by_block(zs: tuple[torch.Tensor, ...], threshold: float, block: int) -> list[list[float]]:
+    """Per ``block`` stored transitions (collection order): ``[first frame, share of s' with a
+    feature more than ``threshold`` standard deviations from the buffer's mean]``."""
+    unusual = (zs[1] > threshold).float()
+    return [[start, round(float(unusual[start : start + block].mean()), 4)] for start in range(0, unusual.numel(), block)]
 
 
 def data_checks(data: TensorDictBase, episode_steps: int) -> dict:
@@ -237,7 +258,7 @@ def outlier_rows(terms: dict, zs: tuple[torch.Tensor, torch.Tensor], bound: floa
         row = {"position": i, "episode": i // episode_steps, "step": i % episode_steps}
         row.update({key: round(float(value[i]), 4) for key, value in terms.items()})
         row.update(obs_zscore=round(float(zs[0][i]), 2), next_obs_zscore=round(float(zs[1][i]), 2),
-                   above_bound=bool(terms["td_error"][i] > bound))
+                   next_obs_zscore_feature=int(zs[2][i]), above_bound=bool(terms["td_error"][i] > bound))
         rows.append(row)
     return rows
 
@@ -265,6 +286,10 @@ def summary_of(terms: dict, zs, bound: float, episode_steps: int) -> dict:
         "worst_episodes": [[int(e), round(float(worst_episodes[e]), 2)] for e in torch.argsort(worst_episodes, descending=True)[:10]],
         "obs_zscore_median_p99_max": q3(zs[0]),
         "next_obs_zscore_median_p99_max": q3(zs[1]),
+        "episodes_with_next_obs_zscore_above_10": sorted({int(i) // episode_steps for i in torch.nonzero(zs[1] > 10).flatten()}),
+        "share_next_obs_zscore_above_10_per_2000": unusual_by_block(zs, 10.0, 2000),
+        "td_error_median_p99_max_where_zscore_above_10_vs_rest": [q3(td[zs[1] > 10]) if (zs[1] > 10).any() else None,
+                                                                  q3(td[zs[1] <= 10])],
     }
 
 
@@ -280,9 +305,12 @@ def markdown(report: dict) -> str:
             lines.append(f"- gymnasium replay: {json.dumps(part['replay_gymnasium']['max_abs_difference'])}")
         lines += ["- median / p99 / max per term:", ""]
         lines += [f"  - {key}: {value}" for key, value in s["median_p99_max"].items()]
-        lines += [f"- worst episodes (episode, max |Q - y|): {s['worst_episodes']}", "",
+        lines += [f"- worst episodes (episode, max |Q - y|): {s['worst_episodes']}",
+                  f"- episodes with an s' feature > 10 std from the buffer's mean: {s['episodes_with_next_obs_zscore_above_10']}",
+                  f"- |Q - y| median/p99/max there vs elsewhere: {s['td_error_median_p99_max_where_zscore_above_10_vs_rest']}",
+                  f"- share of such s' per 2,000 stored steps: {s['share_next_obs_zscore_above_10_per_2000']}", "",
                   "| episode | step | Q1 | Q2 | r | gamma min Qbar | -gamma alpha logpi | (bounded) | bootstrap | trunc "
-                  "| y | abs(Q - y) | logpi' | max abs z' | min scale' | max abs z(a) | z-score s / s' |",
+                  "| y | abs(Q - y) | logpi' | max abs z' | min scale' | max abs z(a) | z-score s / s' (feature) |",
                   "|" + "---|" * 17]
         for r in part["outliers"]:
             lines.append(
@@ -290,15 +318,39 @@ def markdown(report: dict) -> str:
                 f"| {r['minus_gamma_alpha_logpi']:.2f} | {r['minus_gamma_alpha_logpi_bounded']:.2f} | {r['bootstrap']:.0f} "
                 f"| {r['truncated']:.0f} | {r['target']:.1f} | {r['td_error']:.1f} | {r['logpi_next_exact']:.2f} "
                 f"| {r['z_next_abs_max']:.2f} | {r['scale_next_min']:.3g} | {r['z_stored_abs_max']:.2f} "
-                f"| {r['obs_zscore']:.1f} / {r['next_obs_zscore']:.1f} |"
+                f"| {r['obs_zscore']:.1f} / {r['next_obs_zscore']:.1f} ({r['next_obs_zscore_feature']}) |"
             )
         lines.append("")
     return "\n".join(lines) + "\n"
 
 
+def warmup_buffers(seed: int, scratch: Path) -> dict[str, TensorDictBase]:
+    """The warm-up transitions of the project and the stock side of ``parity_sac.py`` at
+    ``seed`` (the same code, the frame budget cut to the warm-up)."""
+    hyper = Hyper("reach-v3", 4_000, eval_every=4_000, eval_episodes=1, **SETTINGS["default"])
+    run_dir = scratch / f"project_seed{seed}"
+    trainer = Trainer(apply_overrides(preset("mt_sac", "MT10"), project_overrides(hyper, seed, run_dir, [])))
+    trainer.train()
+    stock = StockRun(hyper, seed, scratch / f"stock_seed{seed}")
+    stock.train()
+    return {"project": stored_transitions(trainer), "stock": stock.buffer[: len(stock.buffer)]}
+
+
+def unusual_episodes(data: TensorDictBase, episode_steps: int) -> dict:
+    """Per episode the largest ``s'`` z-score, and the (episode, step, feature) above 10."""
+    _, next_z, feature = feature_zscores(data)
+    per_episode = next_z.reshape(-1, episode_steps).amax(-1)
+    above = torch.nonzero(next_z > 10).flatten().tolist()
+    return {
+        "max_zscore_per_episode": [round(float(v), 1) for v in per_episode],
+        "above_10": [[i // episode_steps, i % episode_steps, int(feature[i])] for i in above],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a run of benchmarks/critic_divergence.py --snapshots")
+    parser.add_argument("run", type=Path, nargs="?", help="a run of benchmarks/critic_divergence.py --snapshots")
+    parser.add_argument("--warmup-seeds", type=int, nargs="+", default=None, help="only the warm-ups of these seeds")
     parser.add_argument("--frames", type=int, nargs="+", default=None, help="snapshots to read (default: all)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--draws", type=int, default=8, help="draws of a' per transition")
@@ -308,6 +360,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.warmup_seeds is not None:
+        found = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            for seed in args.warmup_seeds:
+                found[seed] = {side: unusual_episodes(data, 200) for side, data in warmup_buffers(seed, Path(scratch)).items()}
+                (args.out / "warmup.json").write_text(json.dumps(found, indent=1))
+                print(seed, {side: len(v["above_10"]) for side, v in found[seed].items()}, flush=True)
+        return
     frames = args.frames or sorted(int(p.name) for p in (args.run / "snapshots").iterdir())
     report = {"run": str(args.run), "snapshots": {}}
     args.out.mkdir(parents=True, exist_ok=True)
