@@ -269,7 +269,7 @@ class StockRun:
             opt.step()
         self.target_updater.step()
         self.updates += 1
-        return float(losses["loss_qvalue"])
+        return float(losses["loss_qvalue"].detach())
 
     def evaluate(self) -> None:
         self.actor.eval()
