@@ -209,7 +209,10 @@ def clip_each_network_(loss: SACLoss, max_norm: float) -> None:
 
 class StockRun:
     """One stock-SAC run with its own checkpoint ``run_dir/state.pt`` (networks, optimisers,
-    replay buffer, counters, evaluations)."""
+    replay buffer, counters, evaluations, critic losses). ``critic_losses`` holds one row per
+    round of updates, ``[frames, mean, max]`` of ``loss_qvalue`` over its updates (the
+    project's critic loss is the same quantity: ``sum_k (Q_k - y)^2`` averaged over the
+    batch); each save also writes them to ``run_dir/critic_loss.csv``."""
 
     def __init__(self, hyper: Hyper, seed: int, run_dir: Path) -> None:
         self.hyper, self.seed, self.run_dir = hyper, seed, run_dir
@@ -222,7 +225,7 @@ class StockRun:
             "alpha": torch.optim.Adam([self.loss.log_alpha], lr=hyper.alpha_lr),
         }
         self.buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(hyper.capacity), batch_size=hyper.batch_size)
-        self.frames, self.updates, self.evals = 0, 0, []
+        self.frames, self.updates, self.evals, self.critic_losses = 0, 0, [], []
         self.eval_envs = make_eval_envs([hyper.task], goals="random", seed=seed, max_episode_steps=hyper.episode_steps)
         if (run_dir / "state.pt").exists():
             self.load()
@@ -234,6 +237,7 @@ class StockRun:
             "buffer": self.buffer.state_dict(),
             "counters": {"frames": self.frames, "updates": self.updates},
             "evals": self.evals,
+            "critic_losses": self.critic_losses,
             "rng": torch.get_rng_state(),
         }
 
@@ -242,6 +246,8 @@ class StockRun:
         partial = self.run_dir / "state.pt.partial"
         torch.save(self.state_dict(), partial)
         os.replace(partial, self.run_dir / "state.pt")
+        rows = "".join(f"{frames},{mean},{largest}\n" for frames, mean, largest in self.critic_losses)
+        (self.run_dir / "critic_loss.csv").write_text("frames,mean,max\n" + rows)
 
     def load(self) -> None:
         state = torch.load(self.run_dir / "state.pt", weights_only=False)
@@ -251,9 +257,11 @@ class StockRun:
         self.buffer.load_state_dict(state["buffer"])
         self.frames, self.updates = state["counters"]["frames"], state["counters"]["updates"]
         self.evals = state["evals"]
+        self.critic_losses = state.get("critic_losses", [])  # absent from runs saved before it was logged
         torch.set_rng_state(state["rng"])
 
-    def update(self) -> None:
+    def update(self) -> float:
+        """One update; returns its critic loss."""
         losses = self.loss(self.buffer.sample())
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -263,6 +271,7 @@ class StockRun:
             opt.step()
         self.target_updater.step()
         self.updates += 1
+        return float(losses["loss_qvalue"].detach())
 
     def evaluate(self) -> None:
         self.actor.eval()
@@ -287,8 +296,8 @@ class StockRun:
                 self.buffer.extend(data.reshape(-1))
                 self.frames += data.numel()
                 if len(self.buffer) > hyper.warmup_frames:
-                    for _ in range(hyper.updates_per_round):
-                        self.update()
+                    critic = [self.update() for _ in range(hyper.updates_per_round)]
+                    self.critic_losses.append([self.frames, sum(critic) / len(critic), max(critic)])
                 if self.frames % hyper.eval_every == 0:
                     self.evaluate()
                     self.save()
@@ -383,10 +392,16 @@ def summarise(out: Path, sources: dict[str, Path], seeds: list[int], title: str)
 
 
 def _run_facts(run_dir: Path) -> dict:
-    """Wall and CPU seconds (``benchmark.json``), final success and, for a project run, the
-    largest critic loss it logged (a diverging critic shows there first)."""
+    """Wall and CPU seconds (``benchmark.json``), final success and the largest critic loss
+    it logged (a diverging critic shows there first): for a project run the last update's of
+    each round, for a stock run the largest single update's (none before it was logged)."""
     record = json.loads((run_dir / "benchmark.json").read_text())
     facts = {"wall_seconds": record["seconds"], "cpu_seconds": record["cpu_seconds"]}
+    if (run_dir / "state.pt").exists():
+        state = torch.load(run_dir / "state.pt", weights_only=False)
+        facts["final_success"] = state["evals"][-1][1]
+        if state.get("critic_losses"):
+            facts["max_critic_loss"] = max(largest for _, _, largest in state["critic_losses"])
     critic = run_dir / "scalars" / "train" / "loss_qvalue.csv"
     if critic.exists():
         facts["max_critic_loss"] = max(read_scalar_csv(critic)[1])
