@@ -31,13 +31,18 @@ def widths(name: str, value: Sequence[Any]) -> tuple[int, ...]:
     return tuple(int(w) for w in items)
 
 
-def finite(name: str, value: Any, *, positive: bool = False, optional: bool = False) -> float | None:
-    """A finite real number (``positive``: > 0); ``optional``: None is accepted too."""
+def finite(
+    name: str, value: Any, *, positive: bool = False, minimum: float | None = None, optional: bool = False
+) -> float | None:
+    """A finite real number (``positive``: > 0; ``minimum``: >= it); ``optional``: None is accepted too."""
     if value is None and optional:
         return None
-    accepted = ("a finite positive number" if positive else "a finite number") + (" or None" if optional else "")
+    accepted = "a finite positive number" if positive else "a finite number"
+    accepted += (f" >= {minimum:g}" if minimum is not None else "") + (" or None" if optional else "")
     is_number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-    if not (is_number and math.isfinite(value)) or (positive and value <= 0):
+    if not (is_number and math.isfinite(value)) or (positive and value <= 0) or (
+        minimum is not None and value < minimum
+    ):
         raise ValueError(f"{name} must be {accepted}, got {value!r}.")
     return float(value)
 

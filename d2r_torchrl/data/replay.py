@@ -40,6 +40,7 @@ from torchrl.data.replay_buffers.storages import Storage
 from torchrl.data.replay_buffers.writers import TensorDictRoundRobinWriter, Writer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
+from d2r_torchrl import argument_checks as check
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
 
 STORED_KEYS = (
@@ -118,7 +119,7 @@ class TaskWriter(Writer):
 
     def __init__(self, num_tasks: int, task_key: NestedKey = "task_id") -> None:
         super().__init__()
-        require_positive_int("num_tasks", num_tasks)
+        check.positive_int("num_tasks", num_tasks)
         self.num_tasks = num_tasks
         self.task_key = task_key
         self.task_writes = torch.zeros(num_tasks, dtype=torch.long).share_memory_()
@@ -322,7 +323,7 @@ class TaskStratifiedSampler(Sampler):
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
-        require_positive_int("num_tasks", num_tasks)
+        check.positive_int("num_tasks", num_tasks)
         self.num_tasks = num_tasks
 
     def sample(self, storage: Storage, batch_size: int) -> tuple[torch.Tensor, dict]:
@@ -406,7 +407,7 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
         max_priority_ratio: float | None = 10.0,
         eps: float = 1e-8,
     ) -> None:
-        require_positive_int("num_tasks", num_tasks)
+        check.positive_int("num_tasks", num_tasks)
         if max_capacity % num_tasks:
             raise ValueError(f"capacity {max_capacity} is not a multiple of the {num_tasks} tasks.")
         check_priority_ratio(max_priority_ratio)
@@ -561,23 +562,10 @@ def stratified_tasks(buffer: ReplayBuffer) -> int | None:
     return None
 
 
-def require_positive_int(name: str, value: Any, low: int = 1) -> None:
-    """Raise a one-line ValueError unless ``value`` is an int ``>= low`` (positive by default)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}.")
-
-
 def check_priority_ratio(value: float | None) -> None:
     """Raise a one-line ValueError unless ``value`` is None (no cap) or finite and ``>= 1``."""
     if value is not None and not (isinstance(value, (int, float)) and 1 <= value < math.inf):
         raise ValueError(f"max_priority_ratio must be >= 1 and finite (or None for no cap), got {value!r}.")
-
-
-def require_finite(name: str, value: Any, low: float) -> None:
-    """Raise a one-line ValueError unless ``value`` is a finite number ``>= low``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}.")
 
 
 def annealed_beta(start: float, final: float, progress: float) -> float:
@@ -622,10 +610,10 @@ def make_replay_buffer(
     if kind not in BUFFER_KINDS:
         raise ValueError(f"Unknown buffer kind {kind!r}; accepted: {list(BUFFER_KINDS)}.")
     for name, value in (("capacity", capacity), ("batch_size", batch_size), ("num_tasks", num_tasks)):
-        require_positive_int(name, value)
-    require_positive_int("memmap_above", memmap_above, low=0)
-    require_finite("priority_alpha", priority_alpha, 0.0)
-    require_finite("priority_beta", priority_beta, 0.0)
+        check.positive_int(name, value)
+    check.non_negative_int("memmap_above", memmap_above)
+    check.finite("priority_alpha", priority_alpha, minimum=0.0)
+    check.finite("priority_beta", priority_beta, minimum=0.0)
     check_priority_ratio(max_priority_ratio)
     if capacity < num_tasks:
         raise ValueError(f"capacity {capacity} is less than one transition per task ({num_tasks} tasks).")
