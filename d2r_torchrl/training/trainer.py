@@ -32,6 +32,7 @@ from d2r_torchrl.training import builders, checkpointing, preflight, signals
 from d2r_torchrl.training.components import check_batch, check_buffer, check_collector, describe_buffer
 from d2r_torchrl.training.config import RESUME_OVERRIDES, ConfigError, RunConfig, apply_overrides, validate
 from d2r_torchrl.training.evaluation import evaluate
+from d2r_torchrl.training.hooks import per_task_scalars
 from d2r_torchrl.training.progress import RunProgress
 from d2r_torchrl.training.run_lock import RunLock
 from d2r_torchrl.training.update import NonFiniteLossError, check_finite
@@ -527,11 +528,10 @@ class MultiTaskTrainer:
 
     # ------------------------------------------------------------------ logging
     def _log_per_task(self, prefix: str, values: torch.Tensor) -> None:
-        """Log ``values`` ``[T]`` as ``{prefix}/{task}`` and their mean as ``{prefix}_mean``."""
-        step = self.counters.frames
-        for name, value in zip(self.tasks, values.tolist()):
-            self.logger.log_scalar(f"{prefix}/{name}", value, step=step)
-        self.logger.log_scalar(f"{prefix}_mean", float(values.mean()), step=step)
+        """Log ``values`` ``[T]`` as ``{prefix}/{task}`` and their mean over tasks (NaN entries,
+        e.g. a task absent from the batch, left out) as ``{prefix}_mean``."""
+        for key, value in per_task_scalars({prefix: values}, self.tasks, "").items():
+            self.logger.log_scalar(key, value, step=self.counters.frames)
 
     def _log_losses(self, losses: TensorDictBase) -> None:
         step = self.counters.frames
