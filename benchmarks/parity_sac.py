@@ -70,6 +70,7 @@ from d2r_torchrl.training.trainer import MultiTaskTrainer  # noqa: E402
 SIDES = ("project", "stock")
 SETTINGS = {"default": {"reward_scale": 1.0, "alpha_lr": 3e-4}, "reference": {"reward_scale": 0.1, "alpha_lr": 1e-4}}
 OVERLAP_AFTER = 20_000
+DIVERGED_LOSS = 1e3  # a logged critic loss above this marks a diverging critic (RESULTS 7.7, 11)
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,34 @@ def _run_facts(run_dir: Path) -> dict:
     return facts
 
 
+def option_table(folders: list[Path], seeds: list[int]) -> str:
+    """Markdown, one row per finished project run ``<folder>/project_seed<seed>``: its success
+    at every evaluation, the largest critic loss it logged (the last update's of each round,
+    in the loss's own units), and the first step and the number of rounds at which that loss
+    exceeds :data:`DIVERGED_LOSS`."""
+    rows, frames = [], None
+    for folder in folders:
+        for seed in seeds:
+            run_dir = folder / f"project_seed{seed}"
+            record = run_dir / "benchmark.json"
+            if not record.exists() or not json.loads(record.read_text())["done"]:
+                continue
+            frames, success = project_curve(run_dir)
+            steps, losses = read_scalar_csv(run_dir / "scalars" / "train" / "loss_qvalue.csv")
+            above = [step for step, loss in zip(steps, losses) if loss > DIVERGED_LOSS]
+            first = f"{above[0]:,.0f}" if above else "-"
+            cells = " | ".join(f"{value:.2f}" for value in success)
+            rows.append(f"| {folder.name} | {seed} | {cells} | {max(losses):.3g} | {first} | {len(above)} |")
+    if frames is None:
+        return "No finished project run in " + ", ".join(map(str, folders)) + "\n"
+    head = " | ".join(f"{frame / 1000:g}k" for frame in frames)
+    return "\n".join([
+        f"| run | seed | success at {head} | largest critic loss | first step > {DIVERGED_LOSS:g} | rounds > {DIVERGED_LOSS:g} |",
+        "|---|---|" + "---|" * len(frames) + "---|---|---|",
+        *rows,
+    ]) + "\n"
+
+
 def _plot(path: Path, frames: np.ndarray, stats: dict, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (iqm, (low, high)) in stats.items():
@@ -472,8 +501,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/out/parity/<set>_<task>")
     parser.add_argument("--compare", type=Path, nargs=2, metavar="OUT", default=None,
                         help="train nothing: summarise the project sides of two --out folders against each other in --out")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="OUT", default=None,
+                        help="train nothing: print one row per finished project run of these --out folders "
+                             "(success per evaluation, critic loss) and write it to --out/table.md if --out is given")
     args = parser.parse_args()
     title = f"{args.task}, {args.setting} settings, {args.steps:,} steps"
+    if args.table:
+        table = option_table(args.table, args.seeds)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "table.md").write_text(table)
+        print(table)
+        return
     if args.compare:
         args.out.mkdir(parents=True, exist_ok=True)
         summarise(args.out, {path.name: path / "project" for path in args.compare}, args.seeds, title)
