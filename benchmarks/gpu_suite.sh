@@ -21,7 +21,8 @@
 # machine still has them), puts /tmp/site and the repository on PYTHONPATH (the package is
 # imported from the source tree, never pip-installed: pyproject pins torch 2.15), writes
 # the GPU model and the torch/CUDA/torchrl versions to environment.txt, and probes
-# torchrl's compiled extension: buffer.kind=prioritized if it loads, else stratified.
+# torchrl's compiled extension: buffer.kind=stratified_prioritized (the default) if it loads,
+# else stratified.
 # Steps here, without a GPU:
 #   unpack DIR   restore .gpu/d2r_mt10 from the run.tar.part-* files a train call returned
 #   size         what the next call would carry (repository, .whl, .gpu) against 64 MiB
@@ -108,7 +109,7 @@ setup() {
   fi
   python_path
   BUFFER_KIND=$(python3 -c "from d2r_torchrl._extension import require_torchrl_extension as r; r()" 2>/dev/null \
-    && echo prioritized || echo stratified)
+    && echo stratified_prioritized || echo stratified)
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
     python3 - <<'EOF'

@@ -1,4 +1,5 @@
-"""Check for torchrl's compiled extension, which only the prioritized replay buffer needs."""
+"""Check for torchrl's compiled extension, which only the prioritized replay buffers need
+(``buffer.kind=stratified_prioritized``, the default, and ``prioritized``)."""
 from __future__ import annotations
 
 
@@ -17,9 +18,11 @@ def require_torchrl_extension() -> None:
         import torchrl
 
         raise MissingExtensionError(
-            "torchrl's compiled extension (torchrl._torchrl) failed to load, so the prioritized "
-            f"replay buffer cannot work. Installed: torch {torch.__version__}, torchrl {torchrl.__version__}. "
-            "Either use buffer.kind=stratified or buffer.kind=uniform, which need no extension, or install "
+            "torchrl's compiled extension (torchrl._torchrl) failed to load, so the prioritized replay "
+            "buffers (buffer.kind=stratified_prioritized, the default, and prioritized) cannot work. "
+            f"Installed: torch {torch.__version__}, torchrl {torchrl.__version__}. "
+            "Either use buffer.kind=stratified (the reference's per-task uniform sampler) or "
+            "buffer.kind=uniform, which need no extension, or install "
             "versions built for each other: torchrl 0.14 is built against torch 2.15, "
             "`pip install 'torch==2.15.*' 'torchrl==0.14.*' 'tensordict==0.14.*'` "
             f"(original error: {error})."

@@ -1,5 +1,6 @@
 """Without torchrl's compiled extension the package still imports; only the prioritized
-buffer refuses, with a message naming the cause and the fixes."""
+buffers refuse, with a message naming the cause and the fixes, and a run with the default
+replay (per-task prioritized) stops in one line before its run directory exists."""
 import json
 import subprocess
 import sys
@@ -35,9 +36,9 @@ print(json.dumps(result))
 
 
 def test_package_imports_without_extension_and_prioritized_buffer_explains(tmp_path):
+    """The recipe runs with the default ``buffer.kind`` (``stratified_prioritized``)."""
     overrides = [
         "env.benchmark=reach-v3,push-v3",
-        "buffer.kind=prioritized",
         "buffer.capacity=1000",
         "collector.steps_per_task=10",
         "collector.warmup_rounds=1",
@@ -58,3 +59,4 @@ def test_package_imports_without_extension_and_prioritized_buffer_explains(tmp_p
     error_lines = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and "torchrl's compiled extension" in error_lines[0]
     assert "Traceback" not in completed.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before a run directory was made

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from torchrl.checkpoint import Checkpoint
 
 from d2r_torchrl.training import preflight, trainer as trainer_module
@@ -260,3 +261,15 @@ def test_the_memory_estimate_counts_parameters_optimiser_states_and_targets():
     critic = (43 + 2) * 400 + 400 + 2 * (400 * 400 + 400) + 400 + 1
     # actor: weights, gradients, two Adam moments; twin critics: the same and their targets
     assert needs["networks"][0] == 4 * (4 * actor + 2 * 5 * critic)
+
+
+def test_the_preflight_leaves_the_seeded_random_stream_alone(tmp_path, monkeypatch):
+    """A seed gives the same initial networks whether or not the memory check ran first (it
+    counts the parameters of MT-SAC's network by building one)."""
+    measured = MultiTaskTrainer(small_config(tmp_path, "measured", "network.architecture=mt_sac"))
+    monkeypatch.setattr(preflight, "check_memory", lambda *args, **kwargs: None)
+    unmeasured = MultiTaskTrainer(small_config(tmp_path, "unmeasured", "network.architecture=mt_sac"))
+    for first, second in zip(measured.loss.parameters(), unmeasured.loss.parameters(), strict=True):
+        assert torch.equal(first, second)
+    measured.close()
+    unmeasured.close()

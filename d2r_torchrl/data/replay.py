@@ -56,6 +56,7 @@ STORED_KEYS = (
     ("next", "truncated"),
 )
 BUFFER_KINDS = ("stratified_prioritized", "stratified", "prioritized", "uniform")
+PRIORITIZED_KINDS = ("stratified_prioritized", "prioritized")  # they need torchrl's compiled extension
 TASK_WRITES_ATTR = "_d2r_task_writes"  # the storage attribute where TaskWriter publishes its record
 
 
@@ -626,7 +627,7 @@ def make_replay_buffer(
         checkpointer = TensorStorageCheckpointer()
         checkpointer.register_save_hook(_to_cpu)
     common = dict(storage=storage, batch_size=batch_size, prefetch=None)
-    if kind in ("prioritized", "stratified_prioritized"):
+    if kind in PRIORITIZED_KINDS:
         from d2r_torchrl._extension import require_torchrl_extension
 
         require_torchrl_extension()

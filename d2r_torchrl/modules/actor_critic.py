@@ -75,12 +75,14 @@ def make_network(
 def parameter_count(architecture: str, in_features: int, num_tasks: int, out_features: int, **kwargs: Any) -> int:
     """The number of parameters of :func:`make_network` with these arguments; a D2R network is
     counted without being built (its size is set by ``num_modules`` and ``module_width``),
-    the baselines, of fixed widths, are built."""
+    the baselines, of fixed widths, are built on the meta device: neither allocates memory or
+    draws from torch's generator, so counting leaves a seeded run's random stream as it was."""
     if architecture == "d2r":
         sizes = ("num_modules", "module_width", "encoder_widths", "router_widths")
         counted = {key: kwargs[key] for key in sizes if key in kwargs}
         return D2RNetwork.parameter_count(in_features, num_tasks, out_features, **counted)
-    network = make_network(architecture, in_features, num_tasks, out_features, **kwargs)
+    with torch.device("meta"):
+        network = make_network(architecture, in_features, num_tasks, out_features, **kwargs)
     return sum(p.numel() for p in network.parameters())
 
 

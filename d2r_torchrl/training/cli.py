@@ -40,7 +40,7 @@ def parse(algorithm: str, benchmark: str, argv: Sequence[str] | None = None) -> 
     defaults = preset(algorithm, benchmark)
     parser = argparse.ArgumentParser(
         description=f"Train {algorithm} on Meta-World {benchmark} (reference hyper-parameters).",
-        epilog="Override any option as key=value, e.g. buffer.kind=stratified_prioritized env.goals=fixed.\n"
+        epilog="Override any option as key=value, e.g. buffer.kind=stratified env.goals=fixed.\n"
         f"With --resume only {', '.join(RESUME_OVERRIDES)} may be given.\n"
         "Options and their defaults:\n" + describe(defaults),
         formatter_class=argparse.RawDescriptionHelpFormatter,

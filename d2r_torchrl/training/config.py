@@ -133,7 +133,9 @@ class CollectorConfig:
 
 @dataclass
 class BufferConfig:
-    kind: str = choice("stratified", BUFFERS)  # the reference's sampler: uniform within each task
+    # per-task prioritized (the design's; RESULTS.md "Prioritized replay for multi-task SAC");
+    # stratified is the reference's sampler, uniform within each task
+    kind: str = choice("stratified_prioritized", BUFFERS)
     capacity: int = ruled(1_000_000, POSITIVE)
     batch_size_per_task: int = ruled(128, POSITIVE)
     memmap_above: int = ruled(2_000_000, NON_NEGATIVE)
