@@ -91,7 +91,7 @@ def test_command_line_presets_and_help(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse(["--help"])
     out = capsys.readouterr().out
-    assert "--address" in out and "buffer.kind = 'stratified'" in out
+    assert "--address" in out and "buffer.kind = 'stratified_prioritized'" in out
 
 
 def test_ray_collector_without_ray_is_a_config_error(monkeypatch):

@@ -193,7 +193,7 @@ def test_config_errors_and_help(capsys):
     assert "must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse("d2r", "MT10", ["--help"])
-    assert "buffer.kind = 'stratified'" in capsys.readouterr().out
+    assert "buffer.kind = 'stratified_prioritized'" in capsys.readouterr().out
 
 
 def test_cli_refuses_bad_values_with_one_line_naming_them(capsys):
@@ -235,9 +235,9 @@ def test_presets_follow_reference_values():
     assert (mt10.collector.total_steps_per_task, mt50.collector.total_steps_per_task) == (1_500_000, 1_000_000)
     assert mt10.buffer.batch_size_per_task * 10 == 1280 and mt50.buffer.batch_size_per_task * 50 == 6400
     assert not preset("mt_sac", "MT10").loss.loss_balancing and preset("soft_modular", "MT50").network.soft_modular_preset == "deep"
-    # random goals (Meta-World v3's standard), per-task uniform replay and the reference's
-    # extreme-task threshold under the rule that cannot freeze a task
-    assert (mt10.env.goals, mt10.buffer.kind) == ("random", "stratified")
+    # random goals (Meta-World v3's standard), the design's per-task prioritized replay and the
+    # reference's extreme-task threshold under the rule that cannot freeze a task
+    assert (mt10.env.goals, mt10.buffer.kind) == ("random", "stratified_prioritized")
     assert (mt10.loss.extreme_loss_threshold, mt10.loss.extreme_loss_rule) == (3000.0, "clip")
 
 
