@@ -42,7 +42,7 @@ def cluster():
     ray.shutdown()
 
 
-def _kill_when_checkpointed(run_dir: Path, killed: dict, timeout: float = 120.0) -> None:
+def _kill_when_checkpointed(run_dir: Path, killed: dict, timeout: float = 240.0) -> None:
     """SIGKILL the worker training ``run_dir`` once it has saved its first checkpoint."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
