@@ -135,6 +135,9 @@ def test_per_task_reward_scale_hand_worked():
     out = scale(torch.tensor([8.0, 0.5, 0.02]), torch.tensor([0, 1, 2]))  # task 0's scale grows to 8
     torch.testing.assert_close(out, torch.tensor([1.0, 0.5, 0.2]))
     torch.testing.assert_close(scale.max_abs_reward, torch.tensor([8.0, 1.0, 0.02]))
+    out = scale(torch.tensor([float("nan"), float("inf"), 2.0]), torch.tensor([0, 1, 1]))  # kept out of the scales
+    torch.testing.assert_close(scale.max_abs_reward, torch.tensor([8.0, 2.0, 0.02]))
+    assert out[0].isnan() and out[1].isinf() and out[2] == 1.0
 
 
 def test_loss_normalises_rewards_per_task_and_keeps_the_scales_in_its_state_dict():
@@ -230,3 +233,30 @@ def test_categorical_critic_loss_is_the_cross_entropy_against_hl_gauss_targets()
     torch.testing.assert_close(out["loss_qvalue"], torch.tensor(expected / 6), rtol=1e-5, atol=1e-6)
     out["loss_qvalue"].backward()  # gradients reach the critic's logits layer
     assert loss.qvalue_network_params["network", "head", "weight"].grad.abs().sum() > 0
+
+
+def test_extreme_task_rule_measures_the_squared_td_error_of_a_categorical_critic():
+    """Terminal transitions, targets of +-90 inside the support +-100, an untrained critic
+    (expected ``Q`` near 0): the squared TD errors (about 2 x 90^2 per sample) are far above
+    ``tau = 1000`` while the cross-entropy is a few nats; the task is flagged and
+    ``task_loss`` is ``mean[sum_k (Q_k - y)^2]`` up to the small policy and temperature terms."""
+    torch.manual_seed(0)
+    spec = Bounded(-1.0, 1.0, (ACT,))
+    actor = make_actor("mt_sac", OBS, spec, TASKS, **TINY["mt_sac"])
+    critic = make_critic("mt_sac", OBS, ACT, TASKS, value_head=HLGaussValue(-100.0, 100.0, 8), **TINY["mt_sac"])
+    loss = MultiTaskSACLoss(actor, critic, num_tasks=TASKS, loss_balancing=False, extreme_loss_threshold=1000.0)
+    loss.make_value_estimator(gamma=0.9)
+    batch = random_transitions(actor, TASKS, 6, OBS, generator=torch.Generator().manual_seed(2))
+    batch["next", "terminated"].fill_(True)
+    batch["next", "reward"] = torch.tensor([[90.0], [-90.0]]).repeat(3, 1)
+    out = loss(batch.clone())
+    squared = torch.zeros(6)
+    for member in loss.qvalue_network_params.unbind(0):
+        with member.to_module(critic), torch.no_grad():
+            q = critic(batch.select("observation", "action", "task_id").clone())["state_action_value"].flatten()
+        squared += (q - batch["next", "reward"].flatten()) ** 2
+    by_task = torch.stack([squared[batch["task_id"].flatten() == t].mean() for t in range(TASKS)])
+    assert out["loss_qvalue"] < 10 and (by_task > 10_000).all()
+    torch.testing.assert_close(out["task_loss"], by_task, rtol=1e-3, atol=0)
+    assert out["task_masked"].all()
+    torch.testing.assert_close(out["task_scale"], 1000.0 / out["task_loss"])

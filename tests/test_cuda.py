@@ -24,10 +24,9 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded
 
 from d2r_torchrl.data.replay import random_transitions
-from d2r_torchrl.modules import make_actor, make_critic
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY
 from d2r_torchrl.training import builders, cli
-from d2r_torchrl.training.config import apply_overrides, preset
+from d2r_torchrl.training.config import apply_overrides, preset, validate
 from d2r_torchrl.training.trainer import MultiTaskTrainer
 from d2r_torchrl.training.update import sac_update
 
@@ -85,14 +84,15 @@ def fixed_batch(actor, seed: int) -> TensorDict:
         return random_transitions(actor, TASKS, TASKS * PER_TASK, OBS, generator=torch.Generator().manual_seed(seed))
 
 
-def build_update(architecture: str, device: torch.device, dtype: torch.dtype, weights: dict | None, network: dict):
-    """Networks (reference sizes updated with ``network``), loss, target updater and
-    optimisers on ``device``/``dtype``, holding ``weights`` (a loss state dict) when given."""
-    config = preset(architecture, "MT10")
-    kwargs = {**builders.network_kwargs(config), **network}
+def build_update(
+    architecture: str, device: torch.device, dtype: torch.dtype, weights: dict | None, overrides: tuple[str, ...]
+):
+    """Networks, loss, target updater and optimisers of the reference preset with
+    ``overrides``, on ``device``/``dtype``, holding ``weights`` (a loss state dict) when given."""
+    config = validate(apply_overrides(preset(architecture, "MT10"), list(overrides)))
     spec = Bounded(-1.0, 1.0, (ACT,), device=device)
-    actor = make_actor(architecture, OBS, spec, TASKS, **kwargs).to(device)
-    critic = make_critic(architecture, OBS, ACT, TASKS, **kwargs).to(device)
+    actor, critic = builders.make_actor_critic_for(config, OBS, spec, TASKS)
+    actor, critic = actor.to(device), critic.to(device)
     loss, updater = builders.make_loss(config, actor, critic, TASKS)
     if weights is not None:
         loss.load_state_dict(weights)
@@ -105,11 +105,17 @@ def build_update(architecture: str, device: torch.device, dtype: torch.dtype, we
 
 
 def run_update(
-    architecture: str, device: torch.device, dtype: torch.dtype, weights: dict, batch: TensorDict, seed: int, network: dict
+    architecture: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    weights: dict,
+    batch: TensorDict,
+    seed: int,
+    overrides: tuple[str, ...],
 ) -> dict:
     """One ``sac_update`` on ``batch``; its losses, ``td_error``, clipped gradients and the
     loss's state afterwards, all on the CPU in float64."""
-    _, loss, updater, optimizers, clip = build_update(architecture, device, dtype, weights, network)
+    _, loss, updater, optimizers, clip = build_update(architecture, device, dtype, weights, overrides)
     batch = batch.apply(lambda x: x.to(dtype) if x.is_floating_point() else x).to(device)
     with noise_from_cpu(seed):
         losses = sac_update(loss, optimizers, updater, batch, clip)
@@ -136,9 +142,9 @@ def assert_same_update(got: dict, expected: dict) -> None:
     torch.testing.assert_close(got["td_error"], expected["td_error"], rtol=1e-4, atol=1e-4 * scale)
 
 
-def reference_weights_and_batch(architecture: str, seed: int, network: dict) -> tuple[dict, TensorDict]:
+def reference_weights_and_batch(architecture: str, seed: int, overrides: tuple[str, ...]) -> tuple[dict, TensorDict]:
     torch.manual_seed(seed)
-    actor, loss, *_ = build_update(architecture, torch.device("cpu"), torch.float32, None, network)
+    actor, loss, *_ = build_update(architecture, torch.device("cpu"), torch.float32, None, overrides)
     return {k: v.clone() for k, v in loss.state_dict().items()}, fixed_batch(actor, seed)
 
 
@@ -155,7 +161,7 @@ def test_update_harness_float32_matches_float64_on_cpu():
     # The harness the CUDA comparison uses: float32 against a float64 reference on the CPU,
     # with different global seeds (all randomness must come from noise_from_cpu); narrower
     # modules than the reference keep it quick.
-    network = dict(module_width=32)
+    network = ("network.module_width=32",)
     weights, batch = reference_weights_and_batch("d2r", 0, network)
     cpu = torch.device("cpu")
     torch.manual_seed(1)
@@ -172,9 +178,29 @@ def test_update_harness_float32_matches_float64_on_cpu():
 @pytest.mark.usefixtures("highest_float32_precision")
 @needs_cuda
 def test_update_on_cuda_equals_update_on_cpu(architecture):
-    weights, batch = reference_weights_and_batch(architecture, 0, {})
-    expected = run_update(architecture, torch.device("cpu"), torch.float32, weights, batch, 7, {})
-    got = run_update(architecture, torch.device("cuda"), torch.float32, weights, batch, 7, {})
+    weights, batch = reference_weights_and_batch(architecture, 0, ())
+    expected = run_update(architecture, torch.device("cpu"), torch.float32, weights, batch, 7, ())
+    got = run_update(architecture, torch.device("cuda"), torch.float32, weights, batch, 7, ())
+    assert_same_update(got, expected)
+
+
+# Every policy and critic option at once (README, "Policy and critic options").
+CRITIC_OPTIONS = (
+    "network.log_prob=reference",
+    "network.critic_layer_norm=true",
+    "network.critic_value_bins=51",
+    "loss.clip_td_target=true",
+    "loss.reward_normalization=true",
+)
+
+
+@pytest.mark.parametrize("architecture", ["d2r", "mt_sac"])
+@pytest.mark.usefixtures("highest_float32_precision")
+@needs_cuda
+def test_update_with_every_critic_option_on_cuda_equals_update_on_cpu(architecture):
+    weights, batch = reference_weights_and_batch(architecture, 0, CRITIC_OPTIONS)
+    expected = run_update(architecture, torch.device("cpu"), torch.float32, weights, batch, 7, CRITIC_OPTIONS)
+    got = run_update(architecture, torch.device("cuda"), torch.float32, weights, batch, 7, CRITIC_OPTIONS)
     assert_same_update(got, expected)
 
 

@@ -261,6 +261,10 @@ def test_the_memory_estimate_counts_parameters_optimiser_states_and_targets():
     critic = (43 + 2) * 400 + 400 + 2 * (400 * 400 + 400) + 400 + 1
     # actor: weights, gradients, two Adam moments; twin critics: the same and their targets
     assert needs["networks"][0] == 4 * (4 * actor + 2 * 5 * critic)
+    categorical = (43 + 2) * 400 + 400 + 2 * (400 * 400 + 400) + 400 * 51 + 51  # a logit per bin
+    config = apply_overrides(config, ["network.critic_value_bins=51"])
+    needs = preflight.memory_needs(config, observation_dim=39, action_dim=4, num_tasks=2)
+    assert needs["networks"][0] == 4 * (4 * actor + 2 * 5 * categorical)
 
 
 def test_the_preflight_leaves_the_seeded_random_stream_alone(tmp_path, monkeypatch):

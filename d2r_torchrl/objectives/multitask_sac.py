@@ -71,7 +71,9 @@ class MultiTaskSACLoss(SACLoss):
     uneven counts (uniform or prioritized sampling) every present task still weighs the
     same. Priority weights ``w_i`` enter as ``sum_i w_i x_i / n_t``.
 
-    Extreme tasks (``L_t = J_alpha_t + J_pi_t + J_Q_t`` above a threshold ``tau``):
+    Extreme tasks (``L_t = J_alpha_t + J_pi_t + J_Q_t`` above a threshold ``tau``; for a
+    categorical critic ``J_Q_t`` in ``L_t`` is the squared TD error of its expected ``Q``, not
+    its cross-entropy, so ``tau`` means the same with either head):
 
     * ``"reference"`` (the authors' rule): ``tau = extreme_loss_threshold`` as given and
       ``c_t = 0``. A dropped task gets no gradient at all, its critic included, and the
@@ -220,7 +222,8 @@ class MultiTaskSACLoss(SACLoss):
         self.extreme_loss_rule = extreme_loss_rule
         self.reward_scale = reward_scale
         self.td_target_bound = td_target_bound
-        self.reward_normalization = reward_normalization
+        # its scales live with the rewards, on the loss's device (as log_alpha)
+        self.reward_normalization = None if reward_normalization is None else reward_normalization.to(self.device)
         routed = d2r_networks(actor_network)
         self.route_layout = routed[0].layout if routed else None
         actor_keys, critic_keys = (
@@ -357,7 +360,10 @@ class MultiTaskSACLoss(SACLoss):
         per_task, counts = per_task_mean(terms, task_id, self.num_tasks, weights)
         balance = self.balancing_weights()
         alpha_t, actor_t, critic_t = per_task[0], balance * per_task[1], balance * per_task[2]
-        task_loss = (alpha_t + actor_t + critic_t).detach()
+        squared_td_t = critic_t
+        if getattr(self.qvalue_network, "value_head", None) is not None:  # critic_t is a cross-entropy
+            squared_td_t = balance * per_task_mean((q_pred - target).pow(2).sum(0), task_id, self.num_tasks, weights)[0]
+        task_loss = (alpha_t + actor_t + squared_td_t).detach()
         present = counts > 0
         task_scale, masked = self.extreme_task_scale(task_loss, present)
         scale = task_scale / present.sum().clamp(min=1)

@@ -69,7 +69,9 @@ class PerTaskRewardScale(nn.Module):
     batch), saved with the module's state dict, so a resumed run keeps them.
 
     ``forward(reward [B] or [B, 1], task_id [B])`` updates the scales from the batch (no
-    gradient) and returns the normalised rewards, shaped as ``reward``.
+    gradient) and returns the normalised rewards, shaped as ``reward``. A non-finite reward
+    leaves its task's scale as it was (it would stay there for good) and comes out
+    non-finite, for the loss's finite check to stop at.
     """
 
     def __init__(self, num_tasks: int, floor: float) -> None:
@@ -81,6 +83,7 @@ class PerTaskRewardScale(nn.Module):
 
     def forward(self, reward: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
         flat = reward.reshape(task_id.shape[0], -1).detach().abs().amax(-1)
+        flat = torch.where(flat.isfinite(), flat, torch.zeros_like(flat))
         with torch.no_grad():
             self.max_abs_reward.scatter_reduce_(0, task_id, flat.to(self.max_abs_reward.dtype), reduce="amax")
         scale = self.max_abs_reward[task_id].clamp(min=self.floor).to(reward.dtype)

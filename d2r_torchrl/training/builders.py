@@ -103,7 +103,16 @@ def policy_specs(env: EnvBase | gym.vector.VectorEnv) -> tuple[int, TensorSpec]:
 def make_actor_critic(
     config: RunConfig, env: EnvBase | gym.vector.VectorEnv, num_tasks: int
 ) -> tuple[ProbabilisticActor, torch.nn.Module]:
-    observation_dim, action_spec = policy_specs(env)
+    """The run's actor and twin-critic network for ``env`` (:func:`policy_specs`)."""
+    return make_actor_critic_for(config, *policy_specs(env), num_tasks)
+
+
+def make_actor_critic_for(
+    config: RunConfig, observation_dim: int, action_spec: TensorSpec, num_tasks: int
+) -> tuple[ProbabilisticActor, torch.nn.Module]:
+    """The actor (``network.log_prob``) and critic (``network.critic_layer_norm``,
+    ``network.critic_value_bins``) of ``config`` for observations of ``observation_dim`` and
+    one task's ``action_spec``."""
     kwargs = network_kwargs(config)
     actor = make_actor(
         config.network.architecture, observation_dim, action_spec, num_tasks, log_prob=config.network.log_prob, **kwargs

@@ -87,7 +87,8 @@ def memory_needs(config: RunConfig, observation_dim: int, action_dim: int, num_t
     kwargs = builders.network_kwargs(config)
     arch = config.network.architecture
     actor = parameter_count(arch, observation_dim, num_tasks, 2 * action_dim, **kwargs)
-    critic = parameter_count(arch, observation_dim + action_dim, num_tasks, 1, **kwargs)
+    critic_outputs = config.network.critic_value_bins or 1  # a categorical critic: one logit per bin
+    critic = parameter_count(arch, observation_dim + action_dim, num_tasks, critic_outputs, **kwargs)
     networks = FLOAT_BYTES * (4 * actor + 2 * 5 * critic)
     net = config.network
     keys = "network.architecture"
