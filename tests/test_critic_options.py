@@ -13,7 +13,8 @@ from d2r_torchrl.modules.value_heads import HLGaussValue
 from d2r_torchrl.objectives import MultiTaskSACLoss
 from d2r_torchrl.objectives.value_targets import PerTaskRewardScale, soft_return_bound
 from d2r_torchrl.training import builders
-from d2r_torchrl.training.config import ConfigError, RunConfig, apply_overrides, validate
+from d2r_torchrl.training.config import ConfigError, RunConfig, apply_overrides, preset, validate
+from d2r_torchrl.training.trainer import MultiTaskTrainer
 
 OBS, ACT, TASKS = 5, 2, 2
 TINY = {
@@ -22,6 +23,22 @@ TINY = {
     "mt_sac": dict(hidden_widths=(16, 16)),
     "mh_sac": dict(hidden_widths=(16, 16)),
 }
+
+# Two tasks, 3 rounds of 10 steps per task (1 warm-up), 2 updates per round, no evaluation.
+TINY_RUN = [
+    "env.benchmark=reach-v3,push-v3",
+    "env.max_episode_steps=10",
+    "collector.steps_per_task=10",
+    "collector.warmup_rounds=1",
+    "collector.updates_per_round=2",
+    "collector.total_steps_per_task=30",
+    "buffer.kind=stratified",
+    "buffer.batch_size_per_task=4",
+    "buffer.capacity=1000",
+    "eval.episodes_per_task=0",
+    "log.progress_bar=false",
+    "device=cpu",
+]
 
 
 def hidden_layers(network) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -114,17 +131,40 @@ def tiny_loss(num_tasks: int = TASKS, **kwargs) -> tuple[MultiTaskSACLoss, torch
 def test_td_target_is_clipped_to_the_bound(sign):
     """Rewards of +-1e4 give targets far past a bound of 50: clipped, ``|Q - y|`` is 50 up to the
     tiny initial ``Q``; without the option it is about 1e4."""
-    errors = {}
+    errors, outs = {}, {}
     for bound in (50.0, None):
         loss, actor = tiny_loss(td_target_bound=bound)
         batch = random_transitions(actor, TASKS, 8, OBS, generator=torch.Generator().manual_seed(2))
         batch["next", "reward"].fill_(sign * 1e4)
-        loss(batch)
+        outs[bound] = loss(batch)
         errors[bound] = batch["td_error"]
     torch.testing.assert_close(errors[50.0], torch.full((8,), 50.0), atol=0.5, rtol=0)
     assert (errors[None] > 0.9 * 1e4).all()
+    torch.testing.assert_close(outs[50.0]["task_clipped"], torch.ones(TASKS))
+    assert "task_clipped" not in outs[None].keys()
     with pytest.raises(ValueError, match="td_target_bound must be a finite positive number"):
         tiny_loss(td_target_bound=0.0)
+
+
+def test_clipped_fraction_per_task_and_in_the_trainers_log(tmp_path):
+    """Rewards of 1e4 on all of task 0's samples and half of task 1's, 0 elsewhere (targets
+    then within 50 of 0): fractions 1 and 0.5. A run whose bound clips every target logs 1."""
+    loss, actor = tiny_loss(td_target_bound=50.0)
+    batch = random_transitions(actor, TASKS, 8, OBS, generator=torch.Generator().manual_seed(2))
+    task_id = batch["task_id"].flatten()
+    of_task_1 = (task_id == 1).nonzero().flatten()
+    assert (task_id == 0).sum() == 4 and len(of_task_1) == 4
+    large = (task_id == 0) | torch.isin(torch.arange(8), of_task_1[:2])
+    batch["next", "reward"] = torch.where(large, 1e4, 0.0).unsqueeze(-1)
+    torch.testing.assert_close(loss(batch)["task_clipped"], torch.tensor([1.0, 0.5]))
+
+    overrides = [*TINY_RUN, f"log.root={tmp_path}", "log.name=run", "loss.clip_td_target=true"]
+    trainer = MultiTaskTrainer(apply_overrides(preset("mt_sac", "MT10"), overrides))
+    trainer.loss.td_target_bound = 1e-6  # every target beyond it
+    trainer.train()
+    logged = sorted((tmp_path / "run" / "scalars" / "train" / "clipped_targets").glob("*.csv"))
+    assert [path.stem for path in logged] == ["push-v3", "reach-v3"]
+    assert all(float(path.read_text().split()[-1].split(",")[1]) == 1.0 for path in logged)
 
 
 def test_per_task_reward_scale_hand_worked():

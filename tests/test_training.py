@@ -63,6 +63,7 @@ def test_recipe_entry_point_writes_per_task_success(tmp_path):
     masked = sorted((run_dir / "scalars" / "train" / "masked_updates").glob("*.csv"))
     counts = [float(list(csv.reader(path.open()))[-1][-1]) for path in masked]
     assert len(counts) == 10 and all(count in (0.0, 1.0, 2.0) for count in counts)  # of 2 updates per round
+    assert not (run_dir / "scalars" / "train" / "clipped_targets").exists()  # no TD-target bound
 
 
 def _stop_after(trainer: MultiTaskTrainer, updates: int) -> None:

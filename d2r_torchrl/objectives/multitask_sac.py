@@ -93,7 +93,9 @@ class MultiTaskSACLoss(SACLoss):
       so a task trained alone keeps its step size.
 
     ``task_masked`` ``[T]`` (bool) flags the tasks above ``tau`` at this update and
-    ``task_scale`` ``[T]`` holds ``c_t`` (1 for kept tasks, 0 for absent ones).
+    ``task_scale`` ``[T]`` holds ``c_t`` (1 for kept tasks, 0 for absent ones). With a
+    ``td_target_bound``, ``task_clipped`` ``[T]`` is the fraction of each task's targets
+    that the bound clipped (0 for absent tasks).
 
     Routing (D2R networks; other networks ignore it): the policy term replays the stored
     behaviour route ``("routing", "path")`` with ResRouting; ``Q(s, a)`` in the TD term
@@ -265,7 +267,8 @@ class MultiTaskSACLoss(SACLoss):
         if self.reduction == "none":
             return keys
         routed = ["route_depth"] if is_routed(self.actor_network) else []
-        return keys + ["alpha", "entropy", *self.PER_TASK_OUT_KEYS, *routed]
+        clipped = ["task_clipped"] if self.td_target_bound is not None else []
+        return keys + ["alpha", "entropy", *self.PER_TASK_OUT_KEYS, *clipped, *routed]
 
     @out_keys.setter
     def out_keys(self, values) -> None:
@@ -348,7 +351,7 @@ class MultiTaskSACLoss(SACLoss):
         weights = self._maybe_get_priority_weight(tensordict)
         alpha = self._alpha[task_id]
 
-        q_pred, target, critic_error = self._critic_terms(tensordict, alpha)
+        q_pred, target, critic_error, clipped = self._critic_terms(tensordict, alpha)
         log_prob, min_q, route = self._actor_terms(tensordict)
         terms = torch.stack(
             [
@@ -385,6 +388,8 @@ class MultiTaskSACLoss(SACLoss):
             "task_count": counts,
             "balancing_weight": balance,
         }
+        if clipped is not None:
+            out["task_clipped"] = per_task_mean(clipped.to(target.dtype), task_id, self.num_tasks)[0]
         if route is not None:
             depth, _ = per_task_mean(route_depth(route).float(), task_id, self.num_tasks)
             out["route_depth"] = torch.where(present, depth, torch.nan)
@@ -434,10 +439,11 @@ class MultiTaskSACLoss(SACLoss):
 
     def _critic_terms(
         self, tensordict: TensorDictBase, alpha: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(Q_k(s, a) [2, B] with sampled routes, TD target y [B], critic loss per sample [B])``:
-        ``sum_k (Q_k - y)^2``, or for a categorical critic (a ``value_head``) ``sum_k`` of its
-        cross-entropy against ``y``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(Q_k(s, a) [2, B] with sampled routes, TD target y [B], critic loss per sample [B],
+        clipped [B] bool or None)``: the loss is ``sum_k (Q_k - y)^2``, or for a categorical
+        critic (a ``value_head``) ``sum_k`` of its cross-entropy against ``y``; ``clipped``
+        flags the targets beyond ``td_target_bound`` (``None`` without one)."""
         with torch.no_grad():
             next_td = tensordict.get("next").select(*self.actor_network.in_keys, strict=False).copy()
             with set_exploration_type(ExplorationType.RANDOM), set_routing_mode(
@@ -459,6 +465,7 @@ class MultiTaskSACLoss(SACLoss):
                 task_id = flatten_task_id(tensordict.get(self.tensor_keys.task_id), tensordict.batch_size)
                 target_td.set(reward_key, self.reward_normalization(target_td.get(reward_key), task_id))
             target = self.value_estimator.value_estimate(target_td).squeeze(-1)
+            clipped = None if self.td_target_bound is None else target.abs() > self.td_target_bound
             target = clip_td_target(target, self.td_target_bound)
         with set_routing_mode(RoutingMode.SAMPLE):
             pred = self._critics(
@@ -467,8 +474,8 @@ class MultiTaskSACLoss(SACLoss):
         q_pred = pred.get(self.tensor_keys.state_action_value).squeeze(-1)
         value_head = getattr(self.qvalue_network, "value_head", None)
         if value_head is None:
-            return q_pred, target, (q_pred - target).pow(2).sum(0)
-        return q_pred, target, value_head.cross_entropy(pred.get(VALUE_LOGITS_KEY), target).sum(0)
+            return q_pred, target, (q_pred - target).pow(2).sum(0), clipped
+        return q_pred, target, value_head.cross_entropy(pred.get(VALUE_LOGITS_KEY), target).sum(0), clipped
 
     def _actor_terms(
         self, tensordict: TensorDictBase
