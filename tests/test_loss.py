@@ -1,5 +1,6 @@
 """MultiTaskSACLoss against TorchRL's SACLoss, hand-computed weights and routing semantics."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -200,6 +201,22 @@ def test_route_temperature_refreshed_everywhere():
         temperatures = [v for k, v in params.items(True, True) if k[-1] == "route_temperature"]
         assert len(temperatures) == 1
         torch.testing.assert_close(temperatures[0], expected.expand(2, 3))
+
+
+def test_construction_does_not_warn_of_a_missing_target_updater():
+    """TorchRL warns when target parameters are read before an updater is attached; building
+    the loss (which sets the target critics' routing temperature) must not trigger it."""
+    actor, critic = make_pair("d2r", 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = make_loss(actor, critic, 3)
+    assert not [w for w in caught if "target network updater" in str(w.message)]
+    SoftUpdate(loss, tau=0.005)
+    with torch.no_grad():
+        loss.log_alpha.fill_(-1.0)
+    loss.after_update()
+    target = [v for k, v in loss.target_qvalue_network_params.items(True, True) if k[-1] == "route_temperature"]
+    torch.testing.assert_close(target[0], torch.ones(2, 3))
 
 
 def test_policy_term_reads_stored_route_and_critic_terms_do_not():

@@ -232,8 +232,7 @@ class MultiTaskSACLoss(SACLoss):
             [key for key in getattr(self, name).keys(True, True) if key[-1] == "route_temperature"]
             for name in ("actor_network_params", "qvalue_network_params")
         )
-        # The target critics share the critics' keys; reading them here would warn that no
-        # target updater is attached yet.
+        # The target critics share the critics' keys.
         self._temperature_keys = {
             "actor_network_params": actor_keys,
             "qvalue_network_params": critic_keys,
@@ -321,7 +320,9 @@ class MultiTaskSACLoss(SACLoss):
         self.log_alpha.copy_(self._log_alpha_capped())
         temperature = route_temperature_from_log_alpha(self.log_alpha)
         for name, keys in self._temperature_keys.items():
-            params = getattr(self, name)
+            # TorchRL's attribute access to target parameters warns until a target updater is
+            # attached, which happens after construction (where this runs first).
+            params = self._modules[name] if name in self._modules else getattr(self, name)
             for key in keys:
                 value = params.get(key)
                 value.data.copy_(temperature.expand_as(value))
