@@ -219,6 +219,26 @@ def test_construction_does_not_warn_of_a_missing_target_updater():
     torch.testing.assert_close(target[0], torch.ones(2, 3))
 
 
+def test_q_max_is_each_tasks_largest_absolute_q_over_both_critics():
+    """Against the two critics run one by one and a loop over samples; task 1, absent from
+    the batch, gets NaN."""
+    torch.manual_seed(0)
+    actor, critic = make_pair("mt_sac", 3)
+    loss = make_loss(actor, critic, 3)
+    batch = make_batch(actor, 3, per_task=4)
+    batch = batch[batch["task_id"] != 1]
+    q_max = loss(batch)["task_q_max"]
+    with torch.no_grad():
+        q = []
+        for params in loss.qvalue_network_params.unbind(0):
+            with params.to_module(critic):
+                q.append(critic(batch.copy())["state_action_value"].flatten())
+    for task in (0, 2):
+        expected = max(abs(float(q_k[i])) for q_k in q for i in range(len(batch)) if batch["task_id"][i] == task)
+        assert float(q_max[task]) == pytest.approx(expected, rel=1e-6)
+    assert q_max[1].isnan()
+
+
 def test_policy_term_reads_stored_route_and_critic_terms_do_not():
     torch.manual_seed(0)
     actor, critic = make_pair("d2r", 2)

@@ -66,6 +66,35 @@ def test_recipe_entry_point_writes_per_task_success(tmp_path):
     assert not (run_dir / "scalars" / "train" / "clipped_targets").exists()  # no TD-target bound
 
 
+def test_q_max_logged_per_round_is_the_largest_over_its_updates(tmp_path):
+    """The update's ``task_q_max`` replaced by a scripted sequence after each real update:
+    task 0 falls (its round's first value is the largest), task 1 rises from a NaN (a
+    task absent from the first batch of every round)."""
+    config = tiny_config(tmp_path, "log.name=run", "collector.updates_per_round=3", algorithm="mt_sac")
+    trainer = MultiTaskTrainer(config)
+    update, calls = trainer.update, []
+
+    def scripted_update():
+        out = update()
+        n = len(calls)
+        out["task_q_max"] = torch.tensor([100.0 - n, float("nan") if n % 3 == 0 else float(n)])
+        calls.append(trainer.counters.frames)
+        return out
+
+    trainer.update = scripted_update
+    trainer.train()
+    rounds = sorted(set(calls))
+    assert len(rounds) >= 2 and len(calls) == 3 * len(rounds)
+    expected = {
+        0: [100.0 - calls.index(f) for f in rounds],
+        1: [float(len(calls) - 1 - calls[::-1].index(f)) for f in rounds],
+    }
+    for index, task in enumerate(trainer.tasks):
+        path = tmp_path / "run" / "scalars" / "train" / "q_max" / f"{task}.csv"
+        rows = [(int(step), float(value)) for step, value in csv.reader(path.open())]
+        assert rows == [(step, value) for step, value in zip(rounds, expected[index])]
+
+
 def _stop_after(trainer: MultiTaskTrainer, updates: int) -> None:
     update = trainer.update
 

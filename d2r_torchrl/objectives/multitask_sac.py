@@ -54,6 +54,14 @@ def per_task_mean(
     return sums / counts.clamp(min=1.0), counts
 
 
+def per_task_abs_max(values: torch.Tensor, task_id: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Largest ``|value|`` of ``values`` ``[..., B]`` over each task's samples (and the leading
+    dims) -> ``[T]``; NaN for a task with no sample."""
+    largest = values.abs().reshape(-1, values.shape[-1]).amax(0)
+    empty = torch.full((num_tasks,), torch.nan, dtype=values.dtype, device=values.device)
+    return empty.scatter_reduce(0, task_id, largest, "amax", include_self=False)
+
+
 class MultiTaskSACLoss(SACLoss):
     """SAC with one temperature per task, loss balancing and D2R routing modes.
 
@@ -93,7 +101,11 @@ class MultiTaskSACLoss(SACLoss):
       so a task trained alone keeps its step size.
 
     ``task_masked`` ``[T]`` (bool) flags the tasks above ``tau`` at this update and
-    ``task_scale`` ``[T]`` holds ``c_t`` (1 for kept tasks, 0 for absent ones). With a
+    ``task_scale`` ``[T]`` holds ``c_t`` (1 for kept tasks, 0 for absent ones).
+    ``task_q_max`` ``[T]`` is the largest ``|Q_k(s, a)|`` of each task's samples over both
+    critics (the expected value for a categorical critic; NaN for absent tasks), in the
+    units of ``y`` (normalised with ``reward_normalization``): a diverging critic shows there
+    whatever its loss. With a
     ``td_target_bound``, ``task_clipped`` ``[T]`` is the fraction of each task's targets
     that the bound clipped (0 for absent tasks).
 
@@ -153,7 +165,7 @@ class MultiTaskSACLoss(SACLoss):
         route: NestedKey = ROUTE_KEY
 
     default_keys = _AcceptedKeys
-    PER_TASK_OUT_KEYS = ("task_loss", "task_masked", "task_scale", "task_count", "balancing_weight")
+    PER_TASK_OUT_KEYS = ("task_loss", "task_masked", "task_scale", "task_count", "task_q_max", "balancing_weight")
 
     def __init__(
         self,
@@ -387,6 +399,7 @@ class MultiTaskSACLoss(SACLoss):
             "task_masked": masked,
             "task_scale": task_scale,
             "task_count": counts,
+            "task_q_max": per_task_abs_max(q_pred.detach(), task_id, self.num_tasks),
             "balancing_weight": balance,
         }
         if clipped is not None:

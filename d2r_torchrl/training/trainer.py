@@ -454,17 +454,20 @@ class MultiTaskTrainer:
     def _run_pending_updates(self) -> None:
         """Run the owed updates (a stop signal ends this after the update in progress); log
         the last losses and, per task, how many of them found it above the extreme-loss
-        threshold (``train/masked_updates``) and, with clipped TD targets, the fraction of its
-        targets the bound clipped over these updates (``train/clipped_targets``)."""
+        threshold (``train/masked_updates``), the largest ``|Q|`` its samples got over these
+        updates (``train/q_max``) and, with clipped TD targets, the fraction of its targets
+        the bound clipped (``train/clipped_targets``)."""
         done, losses = 0, None
         masked = torch.zeros(self.num_tasks, device=self.device)
         clipped = torch.zeros(self.num_tasks, device=self.device)
+        q_max = torch.full((self.num_tasks,), torch.nan, device=self.device)
         if self.prioritized:
             self.buffer.sampler.beta = self.priority_beta()
         self._progress.updates_started(self.counters.pending_updates)
         while self.counters.pending_updates and self._stop_signal is None:
             losses = self.update()
             masked += losses["task_masked"]
+            q_max = torch.fmax(q_max, losses["task_q_max"])  # NaN (task not sampled) ignored
             if "task_clipped" in losses.keys():
                 clipped += losses["task_clipped"]
             self.counters.pending_updates -= 1
@@ -478,6 +481,7 @@ class MultiTaskTrainer:
                     raise self._non_finite(error) from None
             self._log_losses(losses)
             self._log_per_task("train/masked_updates", masked)
+            self._log_per_task("train/q_max", q_max)
             if "task_clipped" in losses.keys():
                 self._log_per_task("train/clipped_targets", clipped / done)
 
