@@ -3,8 +3,8 @@
 Each group is a list of run directories (e.g. the seeds of one sweep); the IQM pools every
 (run, task) score at a point and the interval is rliable's stratified bootstrap over runs
 (:func:`d2r_torchrl.analysis.aggregate.write_report`). Per run it lists the final success
-of each task, the largest critic loss logged (a diverging critic shows there first) and the
-wall seconds of its ``sweep.json``. Writes ``comparison.md`` and ``comparison.json`` to
+of each task, the largest critic loss logged (a diverging critic shows there first), the
+largest ``|Q|`` logged (``train/q_max``; ``-`` for runs without that log) and the wall seconds of its ``sweep.json``. Writes ``comparison.md`` and ``comparison.json`` to
 ``--out``, beside the final IQM of both metrics and their curves from
 :func:`~d2r_torchrl.analysis.aggregate.write_report` (``summary.md``, ``curves.png``).
 
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from d2r_torchrl.analysis.aggregate import run_tasks, write_report  # noqa: E402
+from d2r_torchrl.analysis.aggregate import largest_logged_q, run_tasks, write_report  # noqa: E402
 from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
 
 
@@ -41,6 +41,7 @@ def run_facts(run_dir: Path) -> dict:
     return {
         "final_success": success,
         "max_critic_loss": max(read_scalar_csv(run_dir / "scalars" / "train" / "loss_qvalue.csv")[1]),
+        "max_abs_q": largest_logged_q(run_dir),
         "wall_seconds": record.get("seconds", 0.0),
     }
 
@@ -77,14 +78,15 @@ def _markdown(summary: dict, first: str, second: str) -> str:
             for i, frames in enumerate(summary["frames"])
         ],
         "",
-        "| group | run | final success per task | largest critic loss | wall s |",
-        "|---|---|---|---|---|",
+        "| group | run | final success per task | largest critic loss | largest abs Q | wall s |",
+        "|---|---|---|---|---|---|",
     ]
     for name in (first, second):
         for run, facts in summary["runs"][name].items():
             success = ", ".join(f"{task} {value:.2f}" for task, value in facts["final_success"].items())
+            q = "-" if facts["max_abs_q"] is None else f"{facts['max_abs_q']:.3g}"
             lines.append(
-                f"| {name} | {Path(run).name} | {success} | {facts['max_critic_loss']:.3g} | {facts['wall_seconds']:.0f} |"
+                f"| {name} | {Path(run).name} | {success} | {facts['max_critic_loss']:.3g} | {q} | {facts['wall_seconds']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 

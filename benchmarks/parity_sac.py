@@ -60,6 +60,7 @@ from torchrl.envs import Compose, DoubleToFloat, GymWrapper, RewardScaling, Tran
 from torchrl.modules import MLP, NormalParamExtractor, ProbabilisticActor, TanhNormal, ValueOperator  # noqa: E402
 from torchrl.objectives import SACLoss, SoftUpdate  # noqa: E402
 
+from d2r_torchrl.analysis.aggregate import largest_logged_q  # noqa: E402
 from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
 from d2r_torchrl.modules.actor_critic import SCALE_MIN  # noqa: E402
 from d2r_torchrl.training.checkpointing import CHECKPOINT_NAME  # noqa: E402
@@ -413,8 +414,9 @@ def _run_facts(run_dir: Path) -> dict:
 def option_table(folders: list[Path], seeds: list[int]) -> str:
     """Markdown, one row per finished project run ``<folder>/project_seed<seed>``: its success
     at every evaluation, the largest critic loss it logged (the last update's of each round,
-    in the loss's own units), and the first step and the number of rounds at which that loss
-    exceeds :data:`DIVERGED_LOSS`."""
+    in the loss's own units), the first step and the number of rounds at which that loss
+    exceeds :data:`DIVERGED_LOSS`, and the largest ``|Q|`` it logged (``train/q_max``, in the
+    units of the TD target; ``-`` for runs without that log)."""
     rows, frames = [], None
     for folder in folders:
         for seed in seeds:
@@ -427,13 +429,16 @@ def option_table(folders: list[Path], seeds: list[int]) -> str:
             above = [step for step, loss in zip(steps, losses) if loss > DIVERGED_LOSS]
             first = f"{above[0]:,.0f}" if above else "-"
             cells = " | ".join(f"{value:.2f}" for value in success)
-            rows.append(f"| {folder.name} | {seed} | {cells} | {max(losses):.3g} | {first} | {len(above)} |")
+            q = largest_logged_q(run_dir)
+            q_cell = "-" if q is None else f"{q:.3g}"
+            rows.append(f"| {folder.name} | {seed} | {cells} | {max(losses):.3g} | {first} | {len(above)} | {q_cell} |")
     if frames is None:
         return "No finished project run in " + ", ".join(map(str, folders)) + "\n"
     head = " | ".join(f"{frame / 1000:g}k" for frame in frames)
     return "\n".join([
-        f"| run | seed | success at {head} | largest critic loss | first step > {DIVERGED_LOSS:g} | rounds > {DIVERGED_LOSS:g} |",
-        "|---|---|" + "---|" * len(frames) + "---|---|---|",
+        f"| run | seed | success at {head} | largest critic loss | first step > {DIVERGED_LOSS:g} | rounds > {DIVERGED_LOSS:g} "
+        "| largest abs Q |",
+        "|---|---|" + "---|" * len(frames) + "---|---|---|---|",
         *rows,
     ]) + "\n"
 

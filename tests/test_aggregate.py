@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("rliable")
 
-from d2r_torchrl.analysis.aggregate import iqm_intervals, load_scores, write_report  # noqa: E402
+from d2r_torchrl.analysis.aggregate import iqm_intervals, largest_logged_q, load_scores, write_report  # noqa: E402
 from d2r_torchrl.analysis.plots import read_scalar_csv  # noqa: E402
 from d2r_torchrl.training.config import apply_overrides, preset  # noqa: E402
 
@@ -49,6 +49,15 @@ def test_csv_reader_keeps_the_last_value_of_a_step_logged_twice(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("10,0.1\n20,0.2\n30,0.3\n20,0.25\n30,0.35\n40,0.4\n")
     assert read_scalar_csv(path) == ([10.0, 20.0, 30.0, 40.0], [0.1, 0.25, 0.35, 0.4])
+
+
+def test_largest_logged_q_over_tasks_and_rounds_skips_nan(tmp_path):
+    assert largest_logged_q(tmp_path) is None  # a run from before the log
+    folder = tmp_path / "scalars" / "train" / "q_max"
+    folder.mkdir(parents=True)
+    (folder / "reach-v3.csv").write_text("10,3.5\n20,nan\n30,-1\n")
+    (folder / "push-v3.csv").write_text("10,nan\n20,12.25\n")
+    assert largest_logged_q(tmp_path) == 12.25
 
 
 def _fake_run(root, name, values):

@@ -87,6 +87,14 @@ def run_tasks(run_dir: Path) -> tuple[str, ...]:
     return task_names(RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())))
 
 
+def largest_logged_q(run_dir: Path) -> float | None:
+    """The largest ``train/q_max`` (``|Q(s, a)|``) a run logged over its tasks and rounds;
+    None when it logged none (runs older than that log)."""
+    values = [value for path in (run_dir / "scalars" / "train" / "q_max").glob("*.csv") for value in read_scalar_csv(path)[1]]
+    finite = [value for value in values if np.isfinite(value)]
+    return max(finite) if finite else None
+
+
 def load_scores(run_dirs: Sequence[Path], metric: str) -> tuple[np.ndarray, np.ndarray]:
     """``(frames [P], scores [runs, tasks, P])`` of ``eval/<metric>/<task>`` at the
     evaluation points every run and task logged. Raises ``ValueError`` when there are none."""
