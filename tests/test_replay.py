@@ -1,5 +1,7 @@
 """The per-task prioritized sampler against direct computations of PER's probabilities,
 weights and the priority cap, and its round trip through TorchRL's buffer and checkpoints."""
+import warnings
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -195,6 +197,18 @@ def test_single_transitions_and_steps_added_one_at_a_time_land_in_their_task():
     buffer.add(task_batch(torch.arange(T), start=10.0))  # one step of the T envs, batch [T]
     assert buffer.writer.task_writes.tolist() == [1, 1, 2]
     assert held_values(buffer, 2) == [0.0, 12.0] and held_values(buffer, 0) == [10.0]
+
+
+def test_task_writer_records_its_last_write_as_torchrl_writers_do(tmp_path):
+    """TorchRL's storage checkpointer reads the storage's last cursor (and warns that the
+    buffer may not be saved properly when there is none)."""
+    buffer = make_replay_buffer("stratified", capacity=T * 4, batch_size=T, num_tasks=T)
+    buffer.extend(task_batch([0, 2, 2, 1]))  # task 1's first transition goes to slot 1
+    assert buffer.storage._last_cursor_index == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        buffer.dumps(tmp_path / "checkpoint")
+    assert not [w for w in caught if "last_cursor" in str(w.message)]
 
 
 def test_sampling_with_a_task_still_empty_names_it():

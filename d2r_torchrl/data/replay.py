@@ -164,7 +164,8 @@ class TaskWriter(Writer):
             position_kept = position
         position_kept = position_kept.to(flat.device or "cpu")
         flat.set("index", position_kept)
-        self._storage.set(position_kept, flat, set_cursor=False)
+        self._storage.set(position_kept, flat, set_cursor=False)  # the length is set below
+        self._storage._set_last_cursor(position_kept)  # TorchRL's record of the last write (checkpointers read it)
         self.task_writes += per_task
         self._total_writes += task.numel()
         held = self.task_writes.clamp_max(count)
