@@ -4,8 +4,9 @@ Each group is a list of run directories (e.g. the seeds of one sweep); the IQM p
 (run, task) score at a point and the interval is rliable's stratified bootstrap over runs
 (:func:`d2r_torchrl.analysis.aggregate.write_report`). Per run it lists the final success
 of each task, the largest critic loss logged (a diverging critic shows there first), the
-largest ``|Q|`` logged (``train/q_max``; ``-`` for runs without that log) and the wall seconds of its ``sweep.json``. Writes ``comparison.md`` and ``comparison.json`` to
-``--out``, beside the final IQM of both metrics and their curves from
+largest ``|Q|`` logged (``train/q_max``; ``-`` for runs without that log) and the wall
+seconds of its ``sweep.json``. Writes ``comparison.md`` and ``comparison.json`` to ``--out``,
+beside the final IQM of both metrics and their curves from
 :func:`~d2r_torchrl.analysis.aggregate.write_report` (``summary.md``, ``curves.png``).
 
     python benchmarks/compare_sweeps.py --out benchmarks/runs/easy2/prioritized_vs_stratified \\
