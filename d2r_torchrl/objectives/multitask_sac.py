@@ -332,9 +332,9 @@ class MultiTaskSACLoss(SACLoss):
         self.log_alpha.copy_(self._log_alpha_capped())
         temperature = route_temperature_from_log_alpha(self.log_alpha)
         for name, keys in self._temperature_keys.items():
-            # TorchRL's attribute access to target parameters warns until a target updater is
-            # attached, which happens after construction (where this runs first).
-            params = self._modules[name] if name in self._modules else getattr(self, name)
+            # Read as registered modules: TorchRL's attribute access to target parameters warns
+            # until a target updater is attached, which happens after construction (where this runs first).
+            params = self._modules[name]
             for key in keys:
                 value = params.get(key)
                 value.data.copy_(temperature.expand_as(value))
