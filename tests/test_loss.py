@@ -11,6 +11,7 @@ from torchrl.objectives import SACLoss, SoftUpdate
 
 from d2r_torchrl.modules.actor_critic import ROUTE_KEY, make_actor, make_critic
 from d2r_torchrl.objectives import MultiTaskSACLoss, per_task_mean
+from d2r_torchrl.objectives.multitask_sac import weights_averaging_one_per_task
 
 OBS, ACT = 5, 2
 SMALL_D2R = dict(num_modules=4, module_width=16, encoder_widths=(32, 32), router_widths=(32, 32))
@@ -269,19 +270,44 @@ def test_missing_keys_raise_clear_errors():
         loss(bad)
 
 
-def test_priority_weights_and_td_error():
+def test_weights_averaging_one_per_task_hand_computed():
+    task_id = torch.tensor([0, 0, 0, 2, 1])
+    got = weights_averaging_one_per_task(torch.tensor([1.0, 1.0, 2.0, 0.5, 0.0]), task_id, 3)
+    torch.testing.assert_close(got, torch.tensor([0.75, 0.75, 1.5, 1.0, 0.0]))  # task 0's mean is 4/3
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            weights_averaging_one_per_task(torch.tensor([1.0, bad, 1.0, 1.0, 1.0]), task_id, 3)
+
+
+def test_priority_weights_enter_each_task_self_normalised_and_td_error():
+    """Each task's terms are ``sum_i p_i x_i / sum_i p_i``: a factor on one task's weights (PER's
+    max-normalisation gives each task its own) changes nothing, and unequal weights give the
+    weighted mean of the unweighted per-sample losses (``reduction="none"``)."""
     torch.manual_seed(0)
     actor, critic = make_pair("mt_sac", 2)
-    loss = make_loss(actor, critic, 2)
     batch = make_batch(actor, 2)
-    torch.manual_seed(4)
-    plain = loss(batch.clone())
-    weighted = batch.clone()
-    weighted["priority_weight"] = torch.full((batch.shape[0],), 2.0)
-    torch.manual_seed(4)
-    doubled = loss(weighted)
-    torch.testing.assert_close(doubled["loss_qvalue"], 2 * plain["loss_qvalue"])
-    assert weighted["td_error"].shape == batch.shape and (weighted["td_error"] >= 0).all()
+    task = batch["task_id"].reshape(-1)
+
+    def run(reduction, weights=None):
+        data = batch.clone()
+        if weights is not None:
+            data["priority_weight"] = weights
+        torch.manual_seed(4)
+        return make_loss(actor, critic, 2, reduction=reduction)(data), data
+
+    plain, _ = run("mean")
+    rescaled, data = run("mean", torch.where(task == 0, 0.01, 3.0))
+    for key in ("loss_actor", "loss_qvalue", "loss_alpha", "task_loss"):
+        torch.testing.assert_close(rescaled[key], plain[key])
+    assert data["td_error"].shape == batch.shape and (data["td_error"] >= 0).all()
+
+    weights = torch.rand(batch.shape[0]) + 0.1
+    weighted, _ = run("mean", weights)
+    per_sample, _ = run("none")  # sample i of task t: B x_i / (P n_t) (balancing weights start at 1)
+    counts = torch.bincount(task, minlength=2).float()
+    x = per_sample["loss_qvalue"] * counts[task] * 2 / batch.shape[0]  # back to x_i
+    expected = sum((weights * x)[task == t].sum() / weights[task == t].sum() for t in range(2)) / 2
+    torch.testing.assert_close(weighted["loss_qvalue"], expected)
 
 
 def test_time_limit_terminal_option_stops_bootstrap_on_truncation():

@@ -49,22 +49,20 @@ def test_every_task_gets_its_share_and_probabilities_follow_priorities_within_th
     assert torch.allclose(observed.double(), expected, atol=0.025)  # ~3.5 standard errors
 
 
-def test_importance_weights_are_per_task_normalised_powers_of_the_probabilities():
+def test_importance_weights_are_pers_divided_by_their_mean_in_each_task():
     torch.manual_seed(1)
     buffer = filled_buffer()
     priority = torch.rand(T * ROWS) * 5 + 0.1
+    priority[0::T] *= 0.01  # task 0 holds far smaller priorities: PER's max-normalisation would shrink its weights
     buffer.update_priority(torch.arange(T * ROWS), priority)
     batch = buffer.sample()
     q = (priority.double() + 1e-8) ** ALPHA
-    index = batch["index"]
-    task_min = torch.stack([q[task::T].min() for task in range(T)])
-    expected = (q[index] / task_min[index % T]) ** -BETA
-    assert torch.allclose(batch["priority_weight"].double(), expected, rtol=1e-5)
-    # PER's (n P(i))^-beta over its largest value in the task is the same number
-    n = ROWS
-    per = (n * q[index] / torch.stack([q[task::T].sum() for task in range(T)])[index % T]) ** -BETA
-    largest = torch.stack([(n * q[task::T] / q[task::T].sum()).min() ** -BETA for task in range(T)])
-    assert torch.allclose(batch["priority_weight"].double(), per / largest[index % T], rtol=1e-5)
+    index, task = batch["index"], batch["index"] % T
+    per = (ROWS * q[index] / torch.stack([q[t::T].sum() for t in range(T)])[task]) ** -BETA  # (n P(i))^-beta
+    per_task_mean = torch.stack([per[task == t].mean() for t in range(T)])
+    weight = batch["priority_weight"].double()
+    assert torch.allclose(weight, per / per_task_mean[task], rtol=1e-5)
+    assert torch.allclose(torch.stack([weight[task == t].mean() for t in range(T)]), torch.ones(T, dtype=torch.float64))
 
 
 def test_an_extreme_td_error_is_capped_at_the_ratio_times_the_task_median():

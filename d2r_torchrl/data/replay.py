@@ -378,8 +378,11 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
     range). Sampling raises while a task holds none.
 
     Within task ``t``, with ``q_i = (p_i + eps) ** alpha``: ``P(i) = q_i / sum_t q`` and the
-    importance weight is ``(q_i / min_t q) ** -beta``, i.e. PER's ``(n P(i)) ** -beta``
-    divided by its largest value in the task.
+    importance weight is PER's ``(n P(i)) ** -beta`` divided by its mean over the task's
+    samples in the batch, so every task's weights average 1. PER divides by the largest
+    weight instead (the task's smallest priority): that scales each task's terms by a
+    factor of its own (0.006 to 0.014 in a three-task run at 45k frames), which would
+    reweight the tasks in any loss that averages over the batch.
 
     Bounded priorities: each priority given to :meth:`update_priority` is capped at
     ``max_priority_ratio`` times the median of the priorities given for the same task in
@@ -477,6 +480,7 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
         found = torch.as_tensor(self._sum_tree.scan_lower_bound(mass))
         found = torch.minimum(torch.maximum(found.view(per_task, -1), start), stop - 1)  # rounding at range ends
         weight = (torch.as_tensor(self._sum_tree[found.flatten()]).view_as(found) / task_min).pow(-self._beta)
+        weight = weight / weight.mean(0)  # [per_task, T]: each task's weights average 1
         index = (found - start) * self.num_tasks + torch.arange(self.num_tasks)
         return index.flatten(), {"priority_weight": weight.flatten().to(torch.float32)}
 

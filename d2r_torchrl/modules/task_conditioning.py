@@ -17,15 +17,21 @@ def flatten_task_id(task_id: torch.Tensor, batch_shape: torch.Size) -> torch.Ten
     return task_id.long()
 
 
+def host_checks_apply(tensor: torch.Tensor) -> bool:
+    """Whether a check that reads ``tensor``'s values on the host may run: not while tracing
+    with ``torch.compile`` or capturing a CUDA graph, and not on an empty tensor."""
+    if torch.compiler.is_compiling() or tensor.numel() == 0:
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_task_range(task_id: torch.Tensor, num_tasks: int) -> None:
     """Raise ``ValueError`` when a task id is outside ``[0, num_tasks)``.
 
     Skipped while tracing with ``torch.compile`` or capturing a CUDA graph (it reads data on
     the host).
     """
-    if torch.compiler.is_compiling() or task_id.numel() == 0:
-        return
-    if task_id.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not host_checks_apply(task_id):
         return
     low, high = int(task_id.min()), int(task_id.max())
     if low < 0 or high >= num_tasks:

@@ -27,7 +27,7 @@ from d2r_torchrl.modules.actor_critic import (
 )
 from d2r_torchrl.modules.d2r import D2RNetwork, route_temperature_from_log_alpha
 from d2r_torchrl.modules.routing import RoutingMode, route_depth, set_routing_mode
-from d2r_torchrl.modules.task_conditioning import check_task_range, flatten_task_id
+from d2r_torchrl.modules.task_conditioning import check_task_range, flatten_task_id, host_checks_apply
 from d2r_torchrl.objectives.value_targets import PerTaskRewardScale, clip_td_target
 
 add_random_module(D2RNetwork)
@@ -54,6 +54,21 @@ def per_task_mean(
     return sums / counts.clamp(min=1.0), counts
 
 
+def weights_averaging_one_per_task(weights: torch.Tensor, task_id: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Importance weights ``[B]`` divided by their mean over each task's samples -> ``[B]``
+    (each task's weights then average 1: only their ratios within the task remain; a task
+    whose weights are all 0 keeps them). Raises ``ValueError`` on a negative or non-finite
+    weight (skipped where host checks cannot run, see ``host_checks_apply``)."""
+    if host_checks_apply(weights) and not bool((weights.isfinite() & (weights >= 0)).all()):
+        bad = weights[~(weights.isfinite() & (weights >= 0))]
+        raise ValueError(
+            f"Importance weights must be finite and non-negative; got {bad[:5].tolist()} "
+            f"({bad.numel()} of {weights.numel()})."
+        )
+    mean, _ = per_task_mean(weights, task_id, num_tasks)
+    return weights / mean.clamp(min=torch.finfo(mean.dtype).tiny)[task_id]
+
+
 def per_task_abs_max(values: torch.Tensor, task_id: torch.Tensor, num_tasks: int) -> torch.Tensor:
     """Largest ``|value|`` of ``values`` ``[..., B]`` over each task's samples (and the leading
     dims) -> ``[T]``; NaN for a task with no sample."""
@@ -77,7 +92,12 @@ class MultiTaskSACLoss(SACLoss):
     present in the batch and ``c_t`` the extreme-task factor below. With a stratified batch
     (same count per task, as the reference) this equals the reference's batch mean; with
     uneven counts (uniform or prioritized sampling) every present task still weighs the
-    same. Priority weights ``w_i`` enter as ``sum_i w_i x_i / n_t``.
+    same. Importance weights ``p_i`` (``priority_weight``, prioritized replay) are first
+    divided by their mean over the task's samples in the batch, so each task's terms are
+    the self-normalised estimate ``sum_i p_i x_i / sum_i p_i``: whatever a sampler
+    normalises its weights by (PER's largest weight, i.e. the smallest priority held,
+    which differs from task to task), every task's terms keep the scale of uniform
+    replay, and with them ``w_t``, ``tau`` and the logged losses their meaning.
 
     Extreme tasks (``L_t = J_alpha_t + J_pi_t + J_Q_t`` above a threshold ``tau``; for a
     categorical critic ``J_Q_t`` in ``L_t`` is the squared TD error of its expected ``Q``, not
@@ -362,6 +382,8 @@ class MultiTaskSACLoss(SACLoss):
                 "from the batch: store the actor's output with every transition."
             )
         weights = self._maybe_get_priority_weight(tensordict)
+        if weights is not None:
+            weights = weights_averaging_one_per_task(weights.reshape(-1), task_id, self.num_tasks)
         alpha = self._alpha[task_id]
 
         q_pred, target, critic_error, clipped = self._critic_terms(tensordict, alpha)
@@ -420,7 +442,7 @@ class MultiTaskSACLoss(SACLoss):
         shape: torch.Size,
     ) -> TensorDictBase:
         """``reduction="none"``: sample ``i`` of task ``t`` contributes
-        ``B scale_t (w_t) p_i x_i / n_t`` (``p_i`` its importance weight), so that the batch
+        ``B scale_t (w_t) p_i x_i / n_t`` (``p_i`` its importance weight over the task's mean), so that the batch
         mean of each loss is the ``"mean"`` loss (with a stratified batch: ``(w_t) p_i x_i``)."""
         coefficient = task_id.numel() * scale[task_id] / counts[task_id]
         if weights is not None:
