@@ -59,8 +59,8 @@ def weights_averaging_one_per_task(weights: torch.Tensor, task_id: torch.Tensor,
     (each task's weights then average 1: only their ratios within the task remain; a task
     whose weights are all 0 keeps them). Raises ``ValueError`` on a negative or non-finite
     weight (skipped where host checks cannot run, see ``host_checks_apply``)."""
-    if host_checks_apply(weights) and not bool((weights.isfinite() & (weights >= 0)).all()):
-        bad = weights[~(weights.isfinite() & (weights >= 0))]
+    if host_checks_apply(weights) and not bool((valid := weights.isfinite() & (weights >= 0)).all()):
+        bad = weights[~valid]
         raise ValueError(
             f"Importance weights must be finite and non-negative; got {bad[:5].tolist()} "
             f"({bad.numel()} of {weights.numel()})."
@@ -442,8 +442,9 @@ class MultiTaskSACLoss(SACLoss):
         shape: torch.Size,
     ) -> TensorDictBase:
         """``reduction="none"``: sample ``i`` of task ``t`` contributes
-        ``B scale_t (w_t) p_i x_i / n_t`` (``p_i`` its importance weight over the task's mean), so that the batch
-        mean of each loss is the ``"mean"`` loss (with a stratified batch: ``(w_t) p_i x_i``)."""
+        ``B scale_t (w_t) p_i x_i / n_t`` (``p_i`` its importance weight over the task's mean),
+        so that the batch mean of each loss is the ``"mean"`` loss (with a stratified batch:
+        ``(w_t) p_i x_i``)."""
         coefficient = task_id.numel() * scale[task_id] / counts[task_id]
         if weights is not None:
             coefficient = coefficient * weights
