@@ -473,13 +473,13 @@ class TaskStratifiedPrioritizedSampler(PrioritizedSampler):
         start = torch.arange(self.num_tasks) * self.rows_per_task
         stop = start + counts
         task_sum = torch.as_tensor(self._sum_tree.query(start, stop), dtype=torch.float64)
-        task_min = torch.as_tensor(self._min_tree.query(start, stop), dtype=torch.float64)
         before = torch.cumsum(task_sum, 0) - task_sum  # the tree is zero outside the held slots
         uniform = torch.rand(per_task, self.num_tasks, dtype=torch.float64, generator=self._rng)
         mass = (before + uniform * task_sum).flatten().to(torch.float32)  # the trees' dtype
         found = torch.as_tensor(self._sum_tree.scan_lower_bound(mass))
         found = torch.minimum(torch.maximum(found.view(per_task, -1), start), stop - 1)  # rounding at range ends
-        weight = (torch.as_tensor(self._sum_tree[found.flatten()]).view_as(found) / task_min).pow(-self._beta)
+        # PER's (n P(i))^-beta is q_i^-beta times a factor per task, which the mean removes
+        weight = torch.as_tensor(self._sum_tree[found.flatten()], dtype=torch.float64).view_as(found).pow(-self._beta)
         weight = weight / weight.mean(0)  # [per_task, T]: each task's weights average 1
         index = (found - start) * self.num_tasks + torch.arange(self.num_tasks)
         return index.flatten(), {"priority_weight": weight.flatten().to(torch.float32)}
